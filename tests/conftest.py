@@ -1,0 +1,29 @@
+"""Test-wide setup.
+
+Four host CPU devices are forced before JAX is imported so that the multi-device
+tests can compare a 1-device mesh with a 4-device mesh in the same process.
+"""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BIRDS525 = REPO.parent / "shared" / "data" / "birds525"
+
+
+def require_birds525():
+  """Returns the birds525 root; fails under CI=true when missing, else skips."""
+  if BIRDS525.is_dir():
+    return BIRDS525
+  if os.environ.get("CI") == "true":
+    pytest.fail(f"birds525 is required in CI but missing at {BIRDS525}")
+  pytest.skip(f"birds525 not found at {BIRDS525}")
+
+
+@pytest.fixture
+def birds525_root():
+  return require_birds525()
