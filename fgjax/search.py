@@ -349,13 +349,16 @@ class ScannIndex(NeighborIndex):
     else:
       idx, dist = self._searcher.search_batched(queries, **kwargs)
     idx = np.asarray(idx).astype(np.int32)
-    short = np.isnan(np.asarray(dist)).any(axis=1)
-    if short.any():
-      # Too few candidates in the searched leaves: fall back to brute force.
-      full = ((queries[short] ** 2).sum(1)[:, None]
-              + (self._host_centers ** 2).sum(1)[None, :]
-              - 2.0 * queries[short] @ self._host_centers.T)
-      idx[short] = np.argsort(full, axis=1, kind="stable")[:, :k]
+    short = np.flatnonzero(np.isnan(np.asarray(dist)).any(axis=1))
+    if short.size:
+      # Too few candidates in the searched leaves: fall back to brute force,
+      # 64 queries at a time to bound the (64, M) temporary.
+      c_sq = (self._host_centers ** 2).sum(1)
+      for s in range(0, short.size, 64):
+        rows = short[s:s + 64]
+        d = c_sq[None, :] - 2.0 * queries[rows] @ self._host_centers.T
+        part = np.argpartition(d, k - 1, axis=1)[:, :k]
+        idx[rows] = part  # exact order is restored by the sort below
     sq = _exact_sq_dists_np(queries, self._host_centers, idx)
     order = np.argsort(sq, axis=1, kind="stable")
     sq = np.take_along_axis(sq, order, axis=1)

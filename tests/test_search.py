@@ -5,6 +5,7 @@ Lebedev et al. (Impostor Networks) summed over ALL impostors.
 """
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,6 +105,20 @@ def test_exact_accepts_jax_and_float64_inputs_and_empty_batch():
   np.testing.assert_array_equal(idx64, idx)
   sq0, idx0 = index.search(np.zeros((0, 4), np.float32), 3)
   assert sq0.shape == idx0.shape == (0, 3)
+
+
+def test_exact_on_chosen_device_and_under_jit():
+  rng = np.random.default_rng(9)
+  c = rng.normal(size=(64, 4)).astype(np.float32)
+  q = rng.normal(size=(6, 4)).astype(np.float32)
+  dev = jax.devices()[-1]
+  index = search.build_index(c, "exact", device=dev, chunk_size=16)
+  sq, idx = index.search(q, 5)
+  _assert_knn_matches(sq, idx, _ref_sq_dists(q, c), 5)
+  # The exact backend is traceable, so it composes with a jitted model.
+  sq_j, idx_j = jax.jit(lambda x: index.search(x, 5))(q)
+  np.testing.assert_array_equal(idx_j, idx)
+  np.testing.assert_allclose(sq_j, sq, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- scann ----
