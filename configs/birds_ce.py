@@ -1,0 +1,14 @@
+"""CUB-200-2011 (TFDS caltech_birds2011, bbox crop), SqueezeNet 1.1, scheme 'ce'.
+
+The paper's Birds setting (Table 1, SqueezeNet column). Needs the prepared TFDS data:
+  python launch.py --config=configs/birds_ce.py --workdir=workdirs/birds_ce \
+      --config.data.tfds_data_dir=/path/to/tensorflow_datasets
+
+Result: not run here (no network to fetch CUB; the offline error is tested).
+"""
+
+from configs import common
+
+
+def get_config():
+  return common.cub("ce")

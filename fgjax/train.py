@@ -1,0 +1,385 @@
+"""train_and_evaluate: one training loop for all five schemes, with resume.
+
+Data flow (DESIGN.md): data sources -> input pipeline -> backbone + heads -> impostor
+initialisation (protocol steps 2-3) -> jitted update over a sharded batch -> orbax
+checkpoints -> evaluation with the RBF rule (eq. 3) and/or the softmax head ->
+results.json.
+
+The training state is one pytree,
+  {'step', 'params': {'net': flax params, 'impostors': ImpostorSet},
+   'batch_stats', 'opt_state'},
+replicated over a 1-D device mesh while batches are split along it. The optimiser sees
+only the float leaves {'net', 'centers'}; impostor labels are data, not parameters.
+"""
+
+import json
+import os
+import subprocess
+import time
+from typing import Any, Iterator, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from fgjax import config_checks
+from fgjax import data
+from fgjax import evaluate
+from fgjax import impostors as impostors_lib
+from fgjax import metric_writer
+from fgjax import models
+from fgjax import optim
+from fgjax import parallel
+from fgjax import schemes
+from fgjax.models import heads
+
+State = dict[str, Any]
+
+
+def build_network(config, num_classes: int, scheme: schemes.Scheme):
+  """The backbone spec from the registry and the ImpostorNet around it."""
+  spec = models.get(config.model.backbone, pretrained=config.model.pretrained,
+                    weights_path=config.model.get("weights_path") or None)
+  net = heads.ImpostorNet(backbone=spec.module, embed_dim=scheme.embed_dim,
+                          num_classes=num_classes if scheme.has_classifier else None)
+  return spec, net
+
+
+def init_variables(net: heads.ImpostorNet, spec, config) -> dict[str, Any]:
+  """Random heads (protocol step 1) on top of the backbone's (pretrained) variables."""
+  size = config.input.image_size
+  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+  variables = jax.jit(lambda r: net.init(r, dummy, train=False))(
+      jax.random.key(config.seed))
+  variables = jax.tree.map(lambda x: x, dict(variables))  # Mutable copy.
+  params = dict(variables["params"])
+  params["backbone"] = spec.variables["params"]
+  out = {"params": params}
+  if "batch_stats" in variables or "batch_stats" in spec.variables:
+    stats = dict(variables.get("batch_stats", {}))
+    if "batch_stats" in spec.variables:
+      stats["backbone"] = spec.variables["batch_stats"]
+    out["batch_stats"] = stats
+  return out
+
+
+def trainable_tree(state: State) -> dict[str, Any]:
+  """The float leaves the optimiser updates: network params and impostor centers."""
+  tree = {"net": state["params"]["net"]}
+  if state["params"].get("impostors") is not None:
+    tree["centers"] = state["params"]["impostors"].centers
+  return tree
+
+
+def _frozen_stages(config, spec) -> frozenset[str]:
+  mode, n = config_checks.parse_trainable(config.model.trainable)
+  if mode == "all":
+    return frozenset()
+  if mode == "head":
+    return frozenset({"*"})
+  if n > len(spec.stage_names):
+    raise ValueError(f"config.model.trainable='last:{n}' but {spec.name} has only "
+                     f"{len(spec.stage_names)} stages: {list(spec.stage_names)}.")
+  return frozenset(spec.stage_names[:-n])
+
+
+def make_update_fn(net: heads.ImpostorNet, scheme: schemes.Scheme,
+                   tx: optax.GradientTransformation, sigma: float,
+                   backbone_train: bool, from_features: bool):
+  """The one update function: loss per scheme, gradients, optimiser step."""
+
+  def update(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
+    labels_of_impostors = (state["params"]["impostors"].labels
+                           if scheme.uses_impostors else None)
+
+    def loss_fn(trainable):
+      variables = {"params": trainable["net"]}
+      if state["batch_stats"]:
+        variables["batch_stats"] = state["batch_stats"]
+      if from_features:
+        outputs = net.apply(variables, batch["image"], method=heads.ImpostorNet.heads)
+        new_stats = state["batch_stats"]
+      elif backbone_train and state["batch_stats"]:
+        outputs, mutated = net.apply(variables, batch["image"], train=True,
+                                     backbone_train=True, mutable=["batch_stats"])
+        new_stats = mutated["batch_stats"]
+      else:
+        outputs = net.apply(variables, batch["image"], train=True,
+                            backbone_train=False)
+        new_stats = state["batch_stats"]
+      imps = None
+      if scheme.uses_impostors:
+        imps = impostors_lib.ImpostorSet(trainable["centers"], labels_of_impostors)
+      loss, metrics = schemes.loss_and_metrics(scheme, outputs, batch, imps, sigma)
+      return loss, (metrics, new_stats)
+
+    trainable = trainable_tree(state)
+    grads, (metrics, new_stats) = jax.grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    params = {"net": trainable["net"], "impostors": state["params"]["impostors"]}
+    if scheme.uses_impostors:
+      params["impostors"] = impostors_lib.ImpostorSet(trainable["centers"],
+                                                      labels_of_impostors)
+    new_state = {"step": state["step"] + 1, "params": params,
+                 "batch_stats": new_stats, "opt_state": opt_state}
+    return new_state, metrics
+
+  return update
+
+
+def _git_commit() -> Optional[str]:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)),
+                          timeout=5).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+class Trainer:
+  """Holds what one run needs; `train_and_evaluate` drives it."""
+
+  def __init__(self, config, workdir: str):
+    config_checks.validate(config)
+    self.config, self.workdir = config, workdir
+    self.mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.train.batch_size, self.mesh,
+                              "config.train.batch_size")
+    parallel.check_batch_size(config.eval.batch_size, self.mesh, "config.eval.batch_size")
+    self.splits = data.get_splits(config.data)
+    self.num_classes = self.splits.num_classes
+    self.scheme = schemes.get(config)
+    self.spec, self.net = build_network(config, self.num_classes, self.scheme)
+    mode, _ = config_checks.parse_trainable(config.model.trainable)
+    self.backbone_train = mode == "all"
+    self.from_features = bool(config.train.cache_features)
+    self.steps_per_epoch = data.steps_per_epoch(self.splits.train, config.train.batch_size)
+    if self.steps_per_epoch < 1:
+      raise ValueError(f"config.train.batch_size={config.train.batch_size} is larger than "
+                       f"the training split ({len(self.splits.train)} images).")
+    self.total_steps = (int(config.train.num_steps) if config.train.get("num_steps")
+                        else int(config.train.num_epochs) * self.steps_per_epoch)
+    variables = init_variables(self.net, self.spec, config)
+    self.frozen = _frozen_stages(config, self.spec)
+    self._variables0 = variables
+    repl = parallel.replicated(self.mesh)
+    self._forward = jax.jit(
+        lambda v, x: self.net.apply(v, x, train=False), out_shardings=repl)
+    self._heads = jax.jit(
+        lambda v, f: self.net.apply(v, f, method=heads.ImpostorNet.heads),
+        out_shardings=repl)
+
+  # ---- data -------------------------------------------------------------------------
+  def _iterator(self, source, train: bool, start_step: int = 0) -> Iterator[dict]:
+    c = self.config
+    return data.make_iterator(
+        source, batch_size=c.train.batch_size if train else c.eval.batch_size,
+        train=train, seed=c.seed, image_size=c.input.image_size,
+        resize_size=c.input.resize_size, mean=self.spec.mean, std=self.spec.std,
+        start_step=start_step, worker_count=c.input.worker_count,
+        flip=c.input.flip)
+
+  def outputs(self, variables, source) -> dict[str, np.ndarray]:
+    """Network outputs for every example of `source` (eval transforms)."""
+    return evaluate.collect_outputs(self._forward, variables,
+                                    self._iterator(source, train=False), self.mesh)
+
+  # ---- state ------------------------------------------------------------------------
+  def _impostors_from(self, variables) -> tuple[impostors_lib.ImpostorSet, np.ndarray]:
+    """Embeddings of every training image, ordered by index (protocol step 2)."""
+    out = self.outputs(variables, self.splits.train)
+    m = len(self.splits.train)
+    order = np.argsort(out["index"])
+    if not np.array_equal(out["index"][order], np.arange(m)):
+      raise RuntimeError("impostor pass did not see every training image exactly once.")
+    return out["embedding"][order], out["label"][order]
+
+  def initial_state(self, with_impostors: bool) -> State:
+    variables = self._variables0
+    params = {"net": variables["params"], "impostors": None}
+    if self.scheme.uses_impostors:
+      if with_impostors:
+        emb, labels = self._impostors_from(variables)
+        imps, scale = impostors_lib.init_impostors(jnp.asarray(emb), jnp.asarray(labels))
+        # Protocol step 3: the last layer shrinks by the same factor as the impostors,
+        # so embeddings and impostors stay on one scale.
+        net = dict(params["net"])
+        embed = dict(net[heads.EMBED_LAYER])
+        embed = {k: v / scale for k, v in embed.items()}
+        net[heads.EMBED_LAYER] = embed
+        params["net"] = net
+        params["impostors"] = imps
+        self.impostor_scale = float(scale)
+      else:  # Shapes only: a checkpoint restore fills the values.
+        m, e = len(self.splits.train), self.scheme.embed_dim
+        params["impostors"] = impostors_lib.ImpostorSet(
+            jnp.zeros((m, e), jnp.float32), jnp.zeros((m,), jnp.int32))
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "batch_stats": variables.get("batch_stats", {})}
+    labels = optim.trainable_labels(trainable_tree(state),
+                                    train_impostors=self.scheme.train_impostors,
+                                    frozen_backbone_stages=self.frozen)
+    self.tx = optim.make_optimizer(self.config, labels, self.total_steps)
+    state["opt_state"] = self.tx.init(trainable_tree(state))
+    return parallel.replicate(state, self.mesh)
+
+  def reset_impostors(self, state: State) -> State:
+    """Tied scheme: impostors := current embeddings of the training images (eq. 5)."""
+    variables = {"params": state["params"]["net"], "batch_stats": state["batch_stats"]}
+    emb, labels = self._impostors_from(variables)
+    params = dict(state["params"])
+    params["impostors"] = impostors_lib.ImpostorSet(jnp.asarray(emb),
+                                                    jnp.asarray(labels, jnp.int32))
+    return parallel.replicate({**state, "params": params}, self.mesh)
+
+  # ---- feature cache (head-only training on a CPU budget) -----------------------------
+  def _cached_feature_batches(self, start_step: int) -> Iterator[dict]:
+    feats = self.outputs(self._variables0, self.splits.train)
+    order = np.argsort(feats["index"])
+    features = feats["features"][order] if "features" in feats else None
+    if features is None:
+      raise RuntimeError("forward pass returned no features")
+    labels = feats["label"][order]
+    bs, m = self.config.train.batch_size, len(labels)
+    step = start_step
+    while True:
+      epoch, k = divmod(step, self.steps_per_epoch)
+      perm = np.random.default_rng([self.config.seed, epoch]).permutation(m)
+      idx = perm[k * bs:(k + 1) * bs]
+      yield {"image": features[idx], "label": labels[idx].astype(np.int32),
+             "index": idx.astype(np.int32), "valid": np.ones(len(idx), bool)}
+      step += 1
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains per `config`, checkpointing into `workdir`, then evaluates.
+
+  A run killed at any moment resumes from the latest checkpoint in `workdir` and ends
+  with the same number of steps. Returns the results also written to
+  `<workdir>/results.json`.
+  """
+  start_time = time.time()
+  if config.get("distributed"):
+    jax.distributed.initialize()
+  trainer = Trainer(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  writer = metric_writer.MetricWriter(workdir)
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=2, save_interval_steps=max(int(config.train.checkpoint_every_steps),
+                                                 1) if config.train.checkpoint_every_steps
+          else trainer.total_steps + 1))
+  latest = manager.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            trainer.initial_state(with_impostors=False))
+    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+    state = parallel.replicate(state, trainer.mesh)
+    logging.info("Resumed from %s at step %d.", workdir, latest)
+  else:
+    state = trainer.initial_state(with_impostors=True)
+  step = int(state["step"])
+
+  update = jax.jit(make_update_fn(trainer.net, trainer.scheme, trainer.tx,
+                                  float(config.impostors.sigma), trainer.backbone_train,
+                                  trainer.from_features),
+                   donate_argnums=(0,))
+  batches = (trainer._cached_feature_batches(step) if trainer.from_features
+             else trainer._iterator(trainer.splits.train, train=True, start_step=step))
+  reset_period = trainer.scheme.reset_every_epochs * trainer.steps_per_epoch
+  log_every = int(config.train.log_every_steps)
+  t_log, step_log = time.time(), step
+  metrics = {}
+  while step < trainer.total_steps:
+    batch = parallel.global_batch(next(batches), trainer.mesh)
+    state, metrics = update(state, batch)
+    step += 1
+    if reset_period and step % reset_period == 0 and step < trainer.total_steps:
+      state = trainer.reset_impostors(state)
+      logging.info("Step %d: tied impostors reset to the current embeddings.", step)
+    if step % log_every == 0 or step == trainer.total_steps:
+      host = parallel.to_host(metrics)
+      now = time.time()
+      rate = (step - step_log) / max(now - t_log, 1e-9)
+      eta = (trainer.total_steps - step) / max(rate, 1e-9)
+      host["steps_per_sec"] = rate
+      host["images_per_sec"] = rate * config.train.batch_size
+      writer.write_scalars(step, host)
+      logging.info("step %d/%d loss %.4f  %.2f step/s  ETA %.0fs", step,
+                   trainer.total_steps, float(host["loss"]), rate, eta)
+      t_log, step_log = now, step
+    manager.save(step, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  if manager.latest_step() != step:
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+  train_seconds = time.time() - start_time
+
+  results = evaluate_state(trainer, state)
+  results.update({
+      "config": config.to_dict(), "scheme": schemes.describe(trainer.scheme),
+      "steps": step, "steps_per_epoch": trainer.steps_per_epoch,
+      "wall_seconds": time.time() - start_time, "train_seconds": train_seconds,
+      "num_devices": trainer.mesh.devices.size, "commit": _git_commit(),
+      "impostor_scale": getattr(trainer, "impostor_scale", None)})
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2, default=_json_default)
+  writer.write_scalars(step, _flat_scalars(results))
+  writer.close()
+  manager.close()
+  return results
+
+
+def evaluate_state(trainer: Trainer, state: State) -> dict[str, Any]:
+  """Accuracy per split; sigma of the RBF rule chosen on the validation split."""
+  config = trainer.config
+  variables = {"params": state["params"]["net"], "batch_stats": state["batch_stats"]}
+  imps = state["params"]["impostors"]
+  if imps is not None:
+    imps = impostors_lib.ImpostorSet(np.asarray(imps.centers), np.asarray(imps.labels))
+  splits = {"val": trainer.splits.val, "test": trainer.splits.test}
+  outputs = {name: trainer.outputs(variables, src) for name, src in splits.items()
+             if src is not None and len(src)}
+  sigma = float(config.impostors.sigma)
+  results: dict[str, Any] = {"splits": {}}
+  if imps is not None:
+    grid = list(config.eval.sigma_grid) or [sigma]
+    selection_split = "val" if "val" in outputs else None
+    if selection_split:
+      sigma, table = evaluate.select_sigma(
+          outputs["val"]["embedding"], outputs["val"]["label"], imps, grid,
+          trainer.num_classes)
+      results["sigma_sweep_val_top1"] = table
+    results["sigma_selected_on"] = selection_split or "none (config.impostors.sigma)"
+  results["sigma"] = sigma
+  for name, out in outputs.items():
+    results["splits"][name] = evaluate.classify_split(
+        out, impostors=imps, sigma=sigma, num_classes=trainer.num_classes,
+        search=config.eval.search, k=int(config.eval.k))
+  results["num_classes"] = trainer.num_classes
+  results["num_impostors"] = None if imps is None else int(imps.centers.shape[0])
+  return results
+
+
+def _flat_scalars(results: dict[str, Any]) -> dict[str, float]:
+  out = {}
+  for split, r in results["splits"].items():
+    for head in ("rbf", "softmax"):
+      for k, v in r.get(head, {}).items():
+        out[f"{split}/{head}_{k}"] = v
+  return out
+
+
+def _json_default(o):
+  if isinstance(o, (np.generic,)):
+    return o.item()
+  if isinstance(o, (np.ndarray, jax.Array)):
+    return np.asarray(o).tolist()
+  return str(o)

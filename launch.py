@@ -1,0 +1,37 @@
+"""Trains and evaluates one experiment.
+
+  python launch.py --config=configs/birds525_fixed.py --workdir=workdirs/run1 \
+      [--config.train.num_epochs=10 ...]
+
+Everything else lives in `fgjax.train.train_and_evaluate`, which tests call directly.
+"""
+
+import json
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a configs/*.py file; override fields with --config.x.y=v.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and results.json; a run "
+    "started again with the same workdir resumes.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from fgjax import train  # Imported after flag parsing so --help stays fast.
+  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  summary = {split: {head: r[head] for head in ("rbf", "softmax") if head in r}
+             for split, r in results["splits"].items()}
+  logging.info("Results: %s", json.dumps(summary))
+  print(json.dumps({"sigma": results["sigma"], "accuracy": summary}, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
