@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.scheme = "fixed"          # ce | ce_extra | tied | fixed | loose (paper section 4)
   c.seed = 0
   c.distributed = False       # jax.distributed.initialize() for multi-host runs
+  c.num_devices = 0           # 0: every visible device; n: the first n (data parallel)
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "efficientnet_lite0"

@@ -147,7 +147,13 @@ class Trainer:
   def __init__(self, config, workdir: str):
     config_checks.validate(config)
     self.config, self.workdir = config, workdir
-    self.mesh = parallel.make_mesh()
+    devices = jax.devices()
+    if config.get("num_devices"):
+      if config.num_devices > len(devices):
+        raise ValueError(f"config.num_devices={config.num_devices} but only "
+                         f"{len(devices)} devices are visible.")
+      devices = devices[:config.num_devices]
+    self.mesh = parallel.make_mesh(devices)
     parallel.check_batch_size(config.train.batch_size, self.mesh,
                               "config.train.batch_size")
     parallel.check_batch_size(config.eval.batch_size, self.mesh, "config.eval.batch_size")

@@ -5,6 +5,7 @@ tests can compare a 1-device mesh with a 4-device mesh in the same process.
 """
 import os
 import pathlib
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,6 +13,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Configs are plain modules in <repo>/configs, imported as `configs.<name>`.
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
 BIRDS525 = REPO.parent / "shared" / "data" / "birds525"
 
 

@@ -1,0 +1,185 @@
+"""End-to-end tests of train_and_evaluate on the offline digits data (small CNN)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits_loose
+from fgjax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_config(scheme="loose", steps=12, **overrides):
+  c = digits_loose.get_config()
+  c.scheme = scheme
+  c.train.num_steps = steps
+  c.train.log_every_steps = 1
+  c.train.checkpoint_every_steps = 4
+  c.num_devices = 1
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def read_losses(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def final_state(workdir, config):
+  trainer = train.Trainer(config, str(workdir))
+  import orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          trainer.initial_state(with_impostors=False))
+  step = mngr.latest_step()
+  return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def test_digits_loose_learns_and_writes_results(tmp_path):
+  config = small_config("loose", steps=60)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  on_disk = json.load(open(tmp_path / "results.json"))
+  assert on_disk["steps"] == 60
+  # 10 classes: chance is 0.1. 60 steps of a small CNN reach far above it.
+  assert results["splits"]["test"]["rbf"]["top1"] > 0.8
+  assert results["splits"]["test"]["rbf"]["top5"] >= results["splits"]["test"]["rbf"]["top1"]
+  assert results["sigma"] in config.eval.sigma_grid
+  assert results["num_impostors"] == 1078  # 60% of 1,797 digits, stratified
+  losses = read_losses(tmp_path)
+  assert np.mean([losses[s] for s in range(51, 61)]) < np.mean([losses[s] for s in range(1, 11)])
+  assert (tmp_path / "tensorboard").is_dir()
+
+
+@pytest.mark.parametrize("scheme", ["ce", "ce_extra", "tied", "fixed"])
+def test_schemes_train(tmp_path, scheme):
+  config = small_config(scheme, steps=6, **{"impostors.reset_every_epochs": 1,
+                                            "train.num_epochs": 0})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  test = results["splits"]["test"]
+  if scheme.startswith("ce"):
+    assert "softmax" in test and "rbf" not in test
+  else:
+    assert "rbf" in test and "softmax" not in test
+  assert all(np.isfinite(v) for v in read_losses(tmp_path).values())
+
+
+def test_fixed_impostors_stay_fixed_and_loose_move(tmp_path):
+  states = {}
+  for scheme in ("fixed", "loose"):
+    config = small_config(scheme, steps=5)
+    trainer = train.Trainer(config, str(tmp_path / scheme))
+    initial = trainer.initial_state(with_impostors=True)
+    c0 = np.asarray(initial["params"]["impostors"].centers)
+    # Protocol step 3: impostors are divided by their mean L2 norm.
+    np.testing.assert_allclose(np.linalg.norm(c0, axis=1).mean(), 1.0, rtol=1e-4)
+    train.train_and_evaluate(config, str(tmp_path / scheme))
+    _, state = final_state(tmp_path / scheme, config)
+    states[scheme] = (c0, np.asarray(state["params"]["impostors"].centers))
+  np.testing.assert_array_equal(*states["fixed"])
+  assert np.abs(states["loose"][0] - states["loose"][1]).max() > 1e-4
+
+
+def test_tied_reset_sets_impostors_to_embeddings(tmp_path):
+  config = small_config("tied", steps=3)
+  trainer = train.Trainer(config, str(tmp_path))
+  state = trainer.initial_state(with_impostors=True)
+  state = trainer.reset_impostors(state)
+  variables = {"params": state["params"]["net"], "batch_stats": state["batch_stats"]}
+  out = trainer.outputs(variables, trainer.splits.train)
+  order = np.argsort(out["index"])
+  np.testing.assert_allclose(np.asarray(state["params"]["impostors"].centers),
+                             out["embedding"][order], rtol=1e-5, atol=1e-6)
+
+
+def test_four_devices_match_one_device(tmp_path):
+  assert jax.device_count() >= 4, "conftest forces 4 host devices"
+  losses = {}
+  for n in (1, 4):
+    config = small_config("loose", steps=4, num_devices=n)
+    train.train_and_evaluate(config, str(tmp_path / f"d{n}"))
+    losses[n] = read_losses(tmp_path / f"d{n}")
+  for step in range(1, 5):
+    np.testing.assert_allclose(losses[4][step], losses[1][step], rtol=2e-4)
+
+
+def test_head_only_with_cached_features(tmp_path):
+  config = small_config("fixed", steps=8, **{"model.trainable": "head",
+                                             "train.cache_features": True})
+  trainer = train.Trainer(config, str(tmp_path))
+  before = trainer.initial_state(with_impostors=True)["params"]["net"]["backbone"]
+  train.train_and_evaluate(config, str(tmp_path))
+  _, state = final_state(tmp_path, config)
+  after = state["params"]["net"]["backbone"]
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
+  steps = 24
+  full = tmp_path / "full"
+  train.train_and_evaluate(small_config("loose", steps=steps), str(full))
+  _, reference = final_state(full, small_config("loose", steps=steps))
+
+  killed = tmp_path / "killed"
+  script = (
+      "import sys; sys.path.insert(0, %r)\n"
+      "from tests.test_train import small_config\n"
+      "from fgjax import train\n"
+      "train.train_and_evaluate(small_config('loose', steps=%d, **{'train.checkpoint_every_steps': 2}), %r)\n"
+  ) % (str(REPO), steps * 50, str(killed))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = killed / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    done = [int(p.name) for p in ckpt.glob("*") if p.name.isdigit()] if ckpt.exists() else []
+    if done and max(done) >= 6:
+      break
+    if proc.poll() is not None:
+      pytest.fail("training subprocess exited before it could be killed")
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  # Resume with the same total as the reference run.
+  results = train.train_and_evaluate(small_config("loose", steps=steps), str(killed))
+  assert results["steps"] == steps
+  step, resumed = final_state(killed, small_config("loose", steps=steps))
+  assert step == steps
+  for a, b in zip(jax.tree.leaves(reference["params"]), jax.tree.leaves(resumed["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("scheme", "bogus", "config.scheme"),
+    ("model.backbone", "nope", "config.model.backbone"),
+    ("impostors.sigma", 0.0, "config.impostors.sigma"),
+    ("model.trainable", "last:x", "config.model.trainable"),
+    ("eval.sigma_grid", (0.1, -1.0), "config.eval.sigma_grid"),
+    ("input.image_size", 300, "config.input.image_size"),
+])
+def test_bad_config_fails_before_compute(tmp_path, field, value, match):
+  config = small_config(**{field: value})
+  with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  config = small_config(num_devices=4, **{"train.batch_size": 30})
+  with pytest.raises(ValueError, match=r"config\.train\.batch_size"):
+    train.train_and_evaluate(config, str(tmp_path))
