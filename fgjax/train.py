@@ -25,6 +25,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from fgjax import artifact
 from fgjax import config_checks
 from fgjax import data
 from fgjax import evaluate
@@ -274,6 +275,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     jax.distributed.initialize()
   trainer = Trainer(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    # What fgjax.predict needs to rebuild the network without the dataset.
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    _write_json(os.path.join(workdir, "class_names.json"),
+                list(trainer.splits.class_names))
   writer = metric_writer.MetricWriter(workdir)
   manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -335,8 +341,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "num_devices": trainer.mesh.devices.size, "commit": _git_commit(),
       "impostor_scale": getattr(trainer, "impostor_scale", None)})
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2, default=_json_default)
+    _write_json(os.path.join(workdir, "results.json"), results)
+    imps = state["params"]["impostors"]
+    artifact.export(
+        os.path.join(workdir, "artifact"), config=config,
+        class_names=list(trainer.splits.class_names),
+        variables={"params": state["params"]["net"], "batch_stats": state["batch_stats"]},
+        impostors=None if imps is None else parallel.to_host(imps),
+        sigma=results["sigma"], spec=trainer.spec, scheme=trainer.scheme)
   writer.write_scalars(step, _flat_scalars(results))
   writer.close()
   manager.close()
@@ -381,6 +393,14 @@ def _flat_scalars(results: dict[str, Any]) -> dict[str, float]:
       for k, v in r.get(head, {}).items():
         out[f"{split}/{head}_{k}"] = v
   return out
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes atomically, so a crash never leaves a half-written file behind."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=_json_default)
+  os.replace(tmp, path)
 
 
 def _json_default(o):
