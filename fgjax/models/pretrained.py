@@ -1,0 +1,417 @@
+"""Reading PyTorch .pth state_dicts without torch, safely, and mapping them to flax trees.
+
+`load_pth(path)` handles both serialisation formats of `torch.save`:
+
+* legacy (torch < 1.6, or `_use_new_zipfile_serialization=False`): a sequence of pickles
+  (magic number, protocol version, sys info, the object with storages as persistent ids,
+  the list of storage keys) followed, per storage key, by an int64 element count and the
+  raw little-endian storage bytes;
+* zip (default since torch 1.6): `<archive>/data.pkl` with persistent ids naming the
+  entries `<archive>/data/<key>` that hold the raw storage bytes (`<archive>/byteorder`
+  says 'little' or 'big').
+
+Unpickling runs through `RestrictedUnpickler`, whose `find_class` resolves only an
+allow-list of globals to *our own* inert stand-ins (never to torch or to arbitrary
+callables), so a malicious file cannot execute code: any other global raises
+`pickle.UnpicklingError` naming it, before anything is called. Tensors become NumPy
+arrays honouring storage offset, size, stride and dtype.
+
+`state_dict_to_flax` maps {torch name: array} to {'params', 'batch_stats'} with a
+per-model function from torch module paths to flax module paths (OIHW -> HWIO,
+Linear (out, in) -> (in, out), BN weight/bias/running_mean/running_var ->
+scale/bias/mean/var) and checks every name and shape against the model's own init.
+
+Weights that are not shipped with a package are cached like torchvision/timm do, in
+`$FGJAX_WEIGHTS_DIR` (default `~/.cache/fgjax/weights`), downloaded once from the
+torchvision URL and verified against the sha256 prefix in the file name.
+"""
+
+import collections
+import hashlib
+import io
+import os
+import pathlib
+import pickle
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from typing import Any, Callable, Optional, Sequence
+
+import ml_dtypes
+import numpy as np
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+# Storage class name -> NumPy dtype (little-endian).
+_STORAGE_DTYPES = {
+    "FloatStorage": np.dtype("<f4"), "DoubleStorage": np.dtype("<f8"),
+    "HalfStorage": np.dtype("<f2"), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype("<i8"), "IntStorage": np.dtype("<i4"),
+    "ShortStorage": np.dtype("<i2"), "CharStorage": np.dtype("i1"),
+    "ByteStorage": np.dtype("u1"), "BoolStorage": np.dtype("?"),
+}
+
+
+class _StorageType:
+  """Stand-in for torch.<X>Storage: only carries the dtype."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.dtype = _STORAGE_DTYPES[name]
+
+
+class _Storage:
+  """A storage's flat data, filled in after the pickle is read."""
+
+  def __init__(self, dtype: np.dtype, numel: int):
+    self.dtype = dtype
+    self.numel = numel
+    self.data: Optional[np.ndarray] = None
+
+
+class _LazyTensor:
+  """Tensor view into a storage, materialised once all storage bytes are read."""
+
+  def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
+    self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+  def materialise(self) -> np.ndarray:
+    flat = self.storage.data
+    if flat is None:
+      raise pickle.UnpicklingError("a tensor refers to a storage with no data.")
+    if any(n < 0 for n in self.size) or any(s < 0 for s in self.stride):
+      raise pickle.UnpicklingError(f"bad tensor size {self.size} / stride {self.stride}.")
+    if 0 in self.size:
+      return np.zeros(self.size, flat.dtype.newbyteorder("="))
+    last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+    if self.offset < 0 or last >= flat.size:
+      raise pickle.UnpicklingError(
+          f"tensor view (offset {self.offset}, size {self.size}, stride {self.stride}) "
+          f"runs past its storage of {flat.size} elements.")
+    view = np.lib.stride_tricks.as_strided(
+        flat[self.offset:], shape=self.size,
+        strides=tuple(s * flat.dtype.itemsize for s in self.stride), writeable=False)
+    return np.array(view, dtype=flat.dtype.newbyteorder("="))
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                       backward_hooks=None, metadata=None):
+  """Stand-in for torch._utils._rebuild_tensor_v2: a lazy view description."""
+  del requires_grad, backward_hooks, metadata
+  if not isinstance(storage, _Storage):
+    raise pickle.UnpicklingError(f"_rebuild_tensor_v2 got a {type(storage).__name__}, "
+                                 "expected a tensor storage.")
+  return _LazyTensor(storage, int(storage_offset), tuple(int(s) for s in size),
+                     tuple(int(s) for s in stride))
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+  del requires_grad, backward_hooks, state
+  return data
+
+
+# (module, name) -> stand-in. Nothing here can run code beyond building containers.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+  """Unpickler whose globals are an allow-list of inert stand-ins.
+
+  Persistent ids ('storage', <storage type>, key, location, numel[, view]) become
+  `_Storage` objects registered in `self.storages` under their key.
+  """
+
+  def __init__(self, file, source: str):
+    super().__init__(file)
+    self.source = source
+    self.storages: dict[str, _Storage] = {}
+
+  def find_class(self, module: str, name: str):
+    try:
+      return _ALLOWED_GLOBALS[(module, name)]
+    except KeyError:
+      raise pickle.UnpicklingError(
+          f"{self.source}: refusing to unpickle global '{module}.{name}': only tensor "
+          "state_dicts (torch tensors, storages, OrderedDict) are allowed. The file may "
+          "be malicious, or be a whole pickled model rather than a state_dict.") from None
+
+  def persistent_load(self, pid):
+    if (not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage" or
+        not isinstance(pid[1], _StorageType)):
+      raise pickle.UnpicklingError(f"{self.source}: unsupported persistent id {pid!r}.")
+    _, storage_type, key, _, numel = pid[:5]
+    if len(pid) > 5 and pid[5] is not None:
+      raise pickle.UnpicklingError(f"{self.source}: storage views are not supported.")
+    key = str(key)
+    if key not in self.storages:
+      self.storages[key] = _Storage(storage_type.dtype, int(numel))
+    return self.storages[key]
+
+
+def _materialise(obj: Any) -> Any:
+  if isinstance(obj, _LazyTensor):
+    return obj.materialise()
+  if isinstance(obj, dict):
+    return collections.OrderedDict((k, _materialise(v)) for k, v in obj.items())
+  if isinstance(obj, (list, tuple)):
+    return type(obj)(_materialise(v) for v in obj)
+  return obj
+
+
+def _load_legacy(f, source: str) -> Any:
+  def plain(what: str):
+    return RestrictedUnpickler(f, f"{source} ({what})").load()
+
+  magic = plain("magic number")
+  if magic != _LEGACY_MAGIC:
+    raise ValueError(f"{source}: not a PyTorch file (bad magic number).")
+  protocol = plain("protocol version")
+  if protocol != _LEGACY_PROTOCOL:
+    raise ValueError(f"{source}: unsupported legacy protocol version {protocol!r}.")
+  sys_info = plain("sys info")
+  if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+    raise ValueError(f"{source}: big-endian legacy files are not supported.")
+  unpickler = RestrictedUnpickler(f, source)
+  obj = unpickler.load()
+  keys = plain("storage keys")
+  for key in keys:
+    storage = unpickler.storages.get(str(key))
+    if storage is None:
+      raise ValueError(f"{source}: storage key {key!r} was not referenced.")
+    (numel,) = struct.unpack("<q", f.read(8))
+    nbytes = numel * storage.dtype.itemsize
+    raw = f.read(nbytes)
+    if len(raw) != nbytes:
+      raise ValueError(f"{source}: truncated storage {key!r}.")
+    storage.data = np.frombuffer(raw, storage.dtype)
+  return _materialise(obj)
+
+
+def _load_zip(path: str, source: str) -> Any:
+  with zipfile.ZipFile(path) as zf:
+    names = zf.namelist()
+    pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+    if len(pkl) != 1:
+      raise ValueError(f"{source}: zip archive without a single data.pkl ({names[:5]}).")
+    prefix = pkl[0][:-len("data.pkl")]
+    big_endian = False
+    if prefix + "byteorder" in names:
+      big_endian = zf.read(prefix + "byteorder").strip() == b"big"
+    unpickler = RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), source)
+    obj = unpickler.load()
+    for key, storage in unpickler.storages.items():
+      entry = f"{prefix}data/{key}"
+      if entry not in names:
+        raise ValueError(f"{source}: missing storage entry {entry}.")
+      raw = zf.read(entry)
+      dtype = storage.dtype.newbyteorder(">") if big_endian else storage.dtype
+      if len(raw) < storage.numel * dtype.itemsize:
+        raise ValueError(f"{source}: truncated storage entry {entry}.")
+      storage.data = np.frombuffer(raw, dtype, count=storage.numel)
+  return _materialise(obj)
+
+
+def load_pth(path: "str | os.PathLike") -> Any:
+  """Reads a torch.save'd state_dict into {name: np.ndarray} without importing torch.
+
+  Args:
+    path: a .pth/.pt file in either the zip or the legacy torch.save format.
+
+  Returns:
+    The unpickled object (normally an OrderedDict of parameter name -> array).
+
+  Raises:
+    FileNotFoundError: no such file.
+    pickle.UnpicklingError: the pickle references a global outside the allow-list
+      (nothing from the file is executed).
+    ValueError: the file is not a PyTorch serialisation we understand.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"weights file not found: {path}")
+  if zipfile.is_zipfile(path):
+    return _load_zip(path, path)
+  with open(path, "rb") as f:
+    return _load_legacy(f, path)
+
+
+# ----------------------------------------------------------------------------- mapping
+
+
+def _flax_leaves(kind: str, tensors: dict[str, np.ndarray]) -> dict[str, dict]:
+  """One torch module's tensors -> {'params': {...}, 'batch_stats': {...}} leaves."""
+  if kind == "bn":
+    return {"params": {"scale": tensors["weight"], "bias": tensors["bias"]},
+            "batch_stats": {"mean": tensors["running_mean"],
+                            "var": tensors["running_var"]}}
+  w = tensors["weight"]
+  if w.ndim == 4:  # Conv OIHW -> HWIO (depthwise (C,1,k,k) -> (k,k,1,C) as well).
+    params = {"kernel": np.transpose(w, (2, 3, 1, 0))}
+  elif w.ndim == 2:  # Linear (out, in) -> Dense (in, out).
+    params = {"kernel": w.T}
+  else:
+    raise ValueError(f"unsupported weight of shape {w.shape}.")
+  if "bias" in tensors:
+    params["bias"] = tensors["bias"]
+  return {"params": params}
+
+
+def _set(tree: dict, path: Sequence[str], value: dict) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  if path[-1] in tree:
+    raise ValueError(f"two torch modules map to the same flax path {'/'.join(path)}.")
+  tree[path[-1]] = value
+
+
+def state_dict_to_flax(state_dict: dict[str, np.ndarray],
+                       key_map: Callable[[str], Optional[tuple[str, ...]]],
+                       template: dict[str, Any], source: str) -> dict[str, Any]:
+  """Converts a torch state_dict to flax variables shaped like `template`.
+
+  Args:
+    state_dict: torch parameter name -> array (from `load_pth`).
+    key_map: torch module prefix (e.g. '_blocks.3._bn1') -> flax module path (e.g.
+      ('block3', 'depthwise', 'bn')), or None to drop that module (e.g. the ImageNet
+      classifier when include_top=False). Unknown prefixes must raise ValueError.
+    template: {'params': ..., 'batch_stats': ...} from module.init (or eval_shape),
+      used to check that every leaf is present with the right shape.
+    source: the file name, for error messages.
+
+  Returns:
+    {'params': ..., 'batch_stats': ...} of float32 NumPy arrays.
+
+  Raises:
+    ValueError: a name or shape does not match the architecture.
+  """
+  modules: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+  for name, value in state_dict.items():
+    if not isinstance(value, np.ndarray):
+      raise ValueError(f"{source}: entry {name!r} is not a tensor; expected a state_dict.")
+    prefix, _, leaf = name.rpartition(".")
+    if leaf == "num_batches_tracked":
+      continue
+    modules[prefix][leaf] = value
+  out = {"params": {}, "batch_stats": {}}
+  for prefix, tensors in modules.items():
+    path = key_map(prefix)
+    if path is None:
+      continue
+    kind = "bn" if "running_mean" in tensors else "linear"
+    for collection, leaves in _flax_leaves(kind, tensors).items():
+      _set(out[collection], path, {k: np.asarray(v, np.float32)
+                                   for k, v in leaves.items()})
+  for collection in ("params", "batch_stats"):
+    _check_same_structure(template.get(collection, {}), out[collection],
+                          f"{source} [{collection}]")
+  return out
+
+
+def _check_same_structure(want: Any, got: Any, where: str, path: str = "") -> None:
+  if hasattr(want, "items"):
+    if not isinstance(got, dict):
+      raise ValueError(f"{where}: expected a module at '{path}', got a tensor.")
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if missing or extra:
+      raise ValueError(f"{where}: at '{path or '/'}' missing {missing}, unexpected "
+                       f"{extra}; the file does not match this architecture.")
+    for k in want:
+      _check_same_structure(want[k], got[k], where, f"{path}/{k}")
+  elif tuple(np.shape(want)) != tuple(np.shape(got)):
+    raise ValueError(f"{where}: '{path}' has shape {np.shape(got)} in the file but the "
+                     f"model expects {tuple(np.shape(want))}.")
+
+
+# ------------------------------------------------------------------------ weight cache
+
+
+def weights_dir() -> pathlib.Path:
+  """`$FGJAX_WEIGHTS_DIR`, default `~/.cache/fgjax/weights`."""
+  env = os.environ.get("FGJAX_WEIGHTS_DIR")
+  return pathlib.Path(env) if env else pathlib.Path.home() / ".cache/fgjax/weights"
+
+
+def hash_prefix(filename: str) -> Optional[str]:
+  """The sha256 prefix torchvision puts in its file names ('resnet18-f37072fd.pth')."""
+  m = re.search(r"-([0-9a-f]{8,})\.", filename)
+  return m.group(1) if m else None
+
+
+def sha256(path: "str | os.PathLike") -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def download(url: str, dest: pathlib.Path, expected_prefix: Optional[str]) -> None:
+  """Downloads `url` to `dest` atomically, checking the sha256 prefix first.
+
+  Raises:
+    ValueError: the sha256 of the download does not start with `expected_prefix` (the
+      partial file is deleted and `dest` is not created).
+  """
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".partial")
+  try:
+    with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+      shutil.copyfileobj(r, f)
+    if expected_prefix is not None:
+      digest = sha256(tmp)
+      if not digest.startswith(expected_prefix):
+        raise ValueError(f"downloaded {url} has sha256 {digest}, which does not start "
+                         f"with {expected_prefix}: corrupt or wrong file (deleted).")
+    os.replace(tmp, dest)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def fetch_weights(filename: str, url: str,
+                  weights_path: "Optional[str | os.PathLike]" = None) -> pathlib.Path:
+  """Returns a local path to `filename`: `weights_path`, the cache, or a fresh download.
+
+  Downloads are skipped when `$FGJAX_OFFLINE` is set (to anything but '' or '0').
+
+  Raises:
+    FileNotFoundError: the file is neither at `weights_path` nor in the cache and could
+      not be downloaded; the message says which file, where it was looked for and where
+      to put it.
+    ValueError: a download did not match the file name's sha256 prefix.
+  """
+  if weights_path is not None:
+    path = pathlib.Path(weights_path).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f"weights_path={str(path)!r} does not exist (expected a "
+                              f"copy of {filename}{' from ' + url if url else ''}).")
+    return path
+  cached = weights_dir() / filename
+  if cached.is_file():
+    return cached
+  offline = os.environ.get("FGJAX_OFFLINE", "") not in ("", "0")
+  reason = "FGJAX_OFFLINE is set"
+  if not offline:
+    try:
+      print(f"fgjax: downloading {url} to {cached}", file=sys.stderr)
+      download(url, cached, hash_prefix(filename))
+      return cached
+    except (urllib.error.URLError, OSError) as e:
+      reason = f"download failed: {e}"
+  raise FileNotFoundError(
+      f"Pretrained weights {filename} not found ({reason}). Looked in {cached} "
+      f"(cache dir from $FGJAX_WEIGHTS_DIR, default ~/.cache/fgjax/weights). Download "
+      f"{url} and put it at {cached}, or pass weights_path=<file>.")

@@ -1,0 +1,88 @@
+"""SqueezeNet 1.1 (Iandola et al. 2016), the torchvision architecture.
+
+The impostor-networks paper (section 4) uses SqueezeNet as its "lightweight" backbone.
+torchvision's `squeezenet1_1`: conv3x3/2 (64) - maxpool3/2 (ceil) - Fire x2 - maxpool -
+Fire x2 - maxpool - Fire x4 (no BatchNorm), then the classifier dropout(0.5) - conv1x1
+(1000) - ReLU - global average pool. Features are the globally pooled 512 channels of
+the last Fire module.
+"""
+
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fgjax.models import layers
+
+FEATURE_DIM = 512
+DROPOUT = 0.5
+WEIGHTS_FILE = "squeezenet1_1-b8a52dc0.pth"
+
+# torchvision `features` index -> (squeeze, expand1x1, expand3x3) widths.
+_FIRES = {3: (16, 64, 64), 4: (16, 64, 64), 6: (32, 128, 128), 7: (32, 128, 128),
+          9: (48, 192, 192), 10: (48, 192, 192), 11: (64, 256, 256), 12: (64, 256, 256)}
+_POOL_AFTER = (0, 4, 7)  # maxpool follows these features indices
+STAGE_NAMES = ("conv1",) + tuple(f"fire{i}" for i in _FIRES)
+
+
+class Fire(nn.Module):
+  """squeeze 1x1 + ReLU, then concat(ReLU(expand 1x1), ReLU(expand 3x3, pad 1))."""
+  squeeze: int
+  expand1x1: int
+  expand3x3: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = lambda f, k, p, name: layers.Conv2D(  # noqa: E731
+        f, k, 1, p, use_bias=True, dtype=self.dtype, name=name)
+    x = nn.relu(conv(self.squeeze, 1, 0, "squeeze")(x))
+    return jnp.concatenate([nn.relu(conv(self.expand1x1, 1, 0, "expand1x1")(x)),
+                            nn.relu(conv(self.expand3x3, 3, 1, "expand3x3")(x))], -1)
+
+
+class SqueezeNet11(nn.Module):
+  """(N, H, W, 3), H, W >= 32 -> (N, 512) pooled features, or (N, 1000) logits.
+
+  `fold_bn` and `depthwise_impl` are accepted for a uniform interface (no BN here).
+  With include_top and train=True the classifier dropout needs a 'dropout' rng.
+  """
+  include_top: bool = False
+  fold_bn: bool = False
+  depthwise_impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    layers.check_images(x, "SqueezeNet11", min_side=32)
+    x = nn.relu(layers.Conv2D(64, 3, 2, 0, use_bias=True, dtype=self.dtype,
+                              name="conv1")(x))
+    x = layers.max_pool_torch(x, 3, 2, ceil_mode=True)
+    for idx, widths in _FIRES.items():
+      x = Fire(*widths, dtype=self.dtype, name=f"fire{idx}")(x)
+      if idx in _POOL_AFTER:
+        x = layers.max_pool_torch(x, 3, 2, ceil_mode=True)
+    if not self.include_top:
+      return layers.global_avg_pool(x)
+    x = nn.Dropout(DROPOUT, deterministic=not train)(x)
+    x = nn.relu(layers.Conv2D(1000, 1, 1, 0, use_bias=True, dtype=self.dtype,
+                              kernel_init=nn.initializers.normal(0.01),
+                              name="classifier")(x))
+    return layers.global_avg_pool(x)
+
+
+def key_map(include_top: bool):
+  """torchvision squeezenet1_1 module names -> flax module paths."""
+
+  def fn(prefix: str) -> Optional[tuple[str, ...]]:
+    if prefix == "features.0":
+      return ("conv1",)
+    m = re.fullmatch(r"features\.(\d+)\.(squeeze|expand1x1|expand3x3)", prefix)
+    if m and int(m.group(1)) in _FIRES:
+      return (f"fire{m.group(1)}", m.group(2))
+    if prefix == "classifier.1":
+      return ("classifier",) if include_top else None
+    raise ValueError(f"unexpected SqueezeNet 1.1 weight '{prefix}'.")
+
+  return fn
