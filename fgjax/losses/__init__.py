@@ -1,0 +1,24 @@
+"""Losses of fgjax: pure jax/numpy functions (jit-, grad- and vmap-compatible).
+
+* `nca_loss`: impostor-network / NCA loss, Lebedev et al. eq. (4) (custom VJP,
+  optionally streamed over the centers in chunks).
+* `attachment_loss`: loose-impostor attachment term, eq. (6).
+* `center_loss`: Wen et al. 2016.
+* `update_class_means`, `elope_loss`: ELoPE Sec. 4, eq. (5)-(10).
+* `squared_distances`, `rbf_logits`, `masked_logsumexp`: kernel helpers shared
+  with `fgjax.impostors`.
+"""
+
+from fgjax.losses.center import attachment_loss
+from fgjax.losses.center import center_loss
+from fgjax.losses.elope import elope_loss
+from fgjax.losses.elope import update_class_means
+from fgjax.losses.nca import masked_logsumexp
+from fgjax.losses.nca import nca_loss
+from fgjax.losses.nca import rbf_logits
+from fgjax.losses.nca import squared_distances
+
+__all__ = [
+    "attachment_loss", "center_loss", "elope_loss", "update_class_means",
+    "masked_logsumexp", "nca_loss", "rbf_logits", "squared_distances",
+]

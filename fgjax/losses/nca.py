@@ -1,0 +1,317 @@
+"""NCA loss with the Gaussian (RBF) kernel, and the kernel core it shares.
+
+Lebedev, Babenko & Lempitsky, "Impostor Networks for Fast Fine-Grained
+Recognition": a query y is compared with M reference points ("impostors") c_j
+through the Gaussian kernel of eq. (2)
+
+    w_j = exp(-||y - c_j||^2 / (2 sigma^2)),
+
+and trained with the NCA loss of eq. (4) (Goldberger et al. 2005; the loose
+scheme's eq. (6) adds an attachment term, see `center.py`):
+
+    L_i = -log( sum_{j != i, l_j = l_i} w_ij / sum_{j != i} w_ij ).
+
+Everything here works on logits a_ij = -||y_i - c_j||^2 / (2 sigma^2) with
+log-sum-exp, so sigma = 1e-3 on unit-scale data stays finite. Distances use
+the expansion ||q||^2 + ||c||^2 - 2 q.c^T: one (B, d) x (d, M) matmul, never a
+(B, M, d) tensor. `nca_loss` has a custom VJP whose backward pass is two more
+matmuls (dq = D c, dc = D^T q) and, with `chunk_size`, streams over M with an
+online log-sum-exp in both passes so memory is O(B * chunk_size + M * d).
+
+`squared_distances`, `rbf_logits`, `masked_logsumexp` and `scan_chunks` are the
+building blocks `fgjax.impostors` reuses for the RBF prediction rule, eq. (3).
+"""
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from fgjax.losses import _checks
+
+
+def squared_distances(queries: jax.Array, centers: jax.Array) -> jax.Array:
+  """Pairwise squared L2 distances ||q_i - c_j||^2, clamped at 0.
+
+  Args:
+    queries: (B, d) float.
+    centers: (M, d) float.
+
+  Returns:
+    (B, M) float, computed as ||q||^2 + ||c||^2 - 2 q.c^T (one matmul at
+    HIGHEST precision: on TPU/GPU the default bf16/tf32 passes would swamp the
+    small distances a small sigma resolves).
+  """
+  qq = jnp.sum(queries * queries, axis=-1)
+  cc = jnp.sum(centers * centers, axis=-1)
+  return _sq_dists(queries, qq, centers, cc)
+
+
+def _sq_dists(q, qq, c, cc):
+  qc = jnp.matmul(q, c.T, precision=lax.Precision.HIGHEST)
+  return jnp.maximum(qq[:, None] + cc[None, :] - 2.0 * qc, 0.0)
+
+
+def rbf_logits(queries: jax.Array, centers: jax.Array, sigma: Any) -> jax.Array:
+  """Log Gaussian-kernel weights a_ij = -||q_i - c_j||^2 / (2 sigma^2), eq. (2).
+
+  Args:
+    queries: (B, d) float.
+    centers: (M, d) float.
+    sigma: scalar kernel width > 0.
+
+  Returns:
+    (B, M) float logits (<= 0).
+  """
+  return -squared_distances(queries, centers) / (2.0 * jnp.square(sigma))
+
+
+def masked_logsumexp(x: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
+  """log sum_{mask} exp(x) along `axis`; -inf (not NaN) where the mask is empty."""
+  m = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis, keepdims=True)
+  m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  s = jnp.sum(jnp.where(mask, jnp.exp(jnp.where(mask, x - m, 0.0)), 0.0), axis=axis)
+  return jnp.log(s) + jnp.squeeze(m, axis)
+
+
+def online_logsumexp(m: jax.Array, s: jax.Array, block_max: jax.Array,
+                     block_sum_fn: Callable[[jax.Array], jax.Array]):
+  """One step of a streaming log-sum-exp: (max, sum of exp(x - max)) pairs.
+
+  Args:
+    m: running max (any shape; -inf before any element).
+    s: running sum of exp(x - safe(m)), same shape.
+    block_max: max of the new block, same shape (-inf for an empty block).
+    block_sum_fn: maps the new shift (same shape) to the block's
+      sum of exp(x - shift).
+
+  Returns:
+    Updated (m, s); the log-sum-exp is log(s) + safe(m), with
+    safe(m) = m where finite else 0 (so empty sets give log 0 = -inf, not NaN).
+  """
+  new_m = jnp.maximum(m, block_max)
+  shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+  old_shift = jnp.where(jnp.isfinite(m), m, 0.0)
+  s = s * jnp.exp(old_shift - shift) + block_sum_fn(shift)
+  return new_m, s
+
+
+def scan_chunks(body: Callable, carry: Any, centers: jax.Array, extras: tuple,
+                chunk_size: int):
+  """Runs `body` over consecutive row blocks of `centers` (and `extras`).
+
+  Full blocks go through `lax.scan` with `dynamic_slice` (no padded copy of
+  the centers); the remainder, if any, is one more static call.
+
+  Args:
+    body: (carry, start, c_block, extras_block) -> (carry, out_block); `start`
+      is the global row index of the block's first row.
+    carry: initial carry.
+    centers: (M, d).
+    extras: tuple of arrays with leading axis M, sliced alongside.
+    chunk_size: rows per block.
+
+  Returns:
+    (carry, outs) with outs the per-block outputs concatenated along axis 0
+    (None when `body` returns None).
+  """
+  m = centers.shape[0]
+  n_full, rem = divmod(m, chunk_size)
+
+  def step(carry, i):
+    start = i * chunk_size
+    blk = lax.dynamic_slice_in_dim(centers, start, chunk_size)
+    ex = tuple(lax.dynamic_slice_in_dim(e, start, chunk_size) for e in extras)
+    return body(carry, start, blk, ex)
+
+  outs = []
+  if n_full:
+    carry, ys = lax.scan(step, carry, jnp.arange(n_full))
+    if ys is not None:
+      outs.append(ys.reshape((n_full * chunk_size,) + ys.shape[2:]))
+  if rem:
+    start = n_full * chunk_size
+    carry, y = body(carry, start, centers[start:],
+                    tuple(e[start:] for e in extras))
+    if y is not None:
+      outs.append(y)
+  if not outs:
+    return carry, None
+  return carry, outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
+# ---- NCA loss ------------------------------------------------------------------------
+def _block_terms(q, qq, ql, ex, c, cc, cl, start, scale):
+  """Logits and the masks of one block of centers."""
+  logits = -scale * _sq_dists(q, qq, c, cc)
+  cols = start + jnp.arange(c.shape[0])
+  keep = cols[None, :] != ex[:, None]               # eq. (4): j != i
+  pos = keep & (cl[None, :] == ql[:, None])         # [l_j = l_i]
+  return logits, keep, pos
+
+
+def _prob_diff(logits, keep, pos, lse_all, lse_pos):
+  """D_ij = dL_i/da_ij = p_ij - p+_ij (softmax over all minus over positives)."""
+  has_pos = jnp.isfinite(lse_pos)
+  lse_all = jnp.where(has_pos, lse_all, 0.0)
+  lse_pos = jnp.where(has_pos, lse_pos, 0.0)
+  p_all = jnp.where(keep, jnp.exp(jnp.minimum(logits - lse_all[:, None], 0.0)), 0.0)
+  p_pos = jnp.where(pos, jnp.exp(jnp.minimum(logits - lse_pos[:, None], 0.0)), 0.0)
+  return jnp.where(has_pos[:, None], p_all - p_pos, 0.0)
+
+
+def _loss_from_lse(lse_all, lse_pos):
+  # No same-class center: the loss is defined as 0 (gradient 0), not +inf.
+  return jnp.where(jnp.isfinite(lse_pos), lse_all - lse_pos, 0.0)
+
+
+def _nca_forward(q, ql, c, cl, sigma, ex, chunk_size):
+  scale = 0.5 / jnp.square(sigma)
+  qq = jnp.sum(q * q, axis=-1)
+  cc = jnp.sum(c * c, axis=-1)
+  if chunk_size is None:
+    logits, keep, pos = _block_terms(q, qq, ql, ex, c, cc, cl, 0, scale)
+    lse_all = masked_logsumexp(logits, keep)
+    lse_pos = masked_logsumexp(logits, pos)
+    d = _prob_diff(logits, keep, pos, lse_all, lse_pos)
+    # sum_j D_ij a_ij: all the sigma-gradient needs, so the logits are not kept.
+    d_dot_logits = jnp.sum(d * logits, axis=1)
+    return _loss_from_lse(lse_all, lse_pos), (q, c, sigma, d, d_dot_logits)
+
+  b = q.shape[0]
+  neg_inf = jnp.full((b,), -jnp.inf, q.dtype)
+  zeros = jnp.zeros((b,), q.dtype)
+
+  def body(carry, start, c_blk, extras):
+    cc_blk, cl_blk = extras
+    m_all, s_all, m_pos, s_pos = carry
+    logits, keep, pos = _block_terms(q, qq, ql, ex, c_blk, cc_blk, cl_blk, start,
+                                     scale)
+    m_all, s_all = online_logsumexp(
+        m_all, s_all, jnp.max(jnp.where(keep, logits, -jnp.inf), axis=1),
+        lambda sh: jnp.sum(jnp.where(keep, jnp.exp(
+            jnp.minimum(logits - sh[:, None], 0.0)), 0.0), axis=1))
+    m_pos, s_pos = online_logsumexp(
+        m_pos, s_pos, jnp.max(jnp.where(pos, logits, -jnp.inf), axis=1),
+        lambda sh: jnp.sum(jnp.where(pos, jnp.exp(
+            jnp.minimum(logits - sh[:, None], 0.0)), 0.0), axis=1))
+    return (m_all, s_all, m_pos, s_pos), None
+
+  (m_all, s_all, m_pos, s_pos), _ = scan_chunks(
+      body, (neg_inf, zeros, neg_inf, zeros), c, (cc, cl), chunk_size)
+  safe = lambda m: jnp.where(jnp.isfinite(m), m, 0.0)
+  lse_all = jnp.log(s_all) + safe(m_all)
+  lse_pos = jnp.log(s_pos) + safe(m_pos)
+  return _loss_from_lse(lse_all, lse_pos), (q, ql, c, cl, sigma, ex, lse_all, lse_pos)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _nca(q, ql, c, cl, sigma, ex, chunk_size):
+  return _nca_forward(q, ql, c, cl, sigma, ex, chunk_size)[0]
+
+
+def _nca_fwd(q, ql, c, cl, sigma, ex, chunk_size):
+  return _nca_forward(q, ql, c, cl, sigma, ex, chunk_size)
+
+
+def _nca_bwd(chunk_size, res, g):
+  # a_ij = -s ||q_i - c_j||^2, s = 1 / (2 sigma^2):
+  #   da_ij/dq_i = 2s (c_j - q_i),  da_ij/dc_j = 2s (q_i - c_j),
+  #   da_ij/dsigma = -(2 / sigma) a_ij.
+  if chunk_size is None:
+    q, c, sigma, d, d_dot_logits = res
+    scale = 0.5 / jnp.square(sigma)
+    dg = d * g[:, None]
+    dq = 2 * scale * (dg @ c - jnp.sum(dg, axis=1)[:, None] * q)
+    dc = 2 * scale * (dg.T @ q - jnp.sum(dg, axis=0)[:, None] * c)
+    dsigma = -(2.0 / sigma) * jnp.sum(g * d_dot_logits)
+    return dq, None, dc, None, dsigma.astype(sigma.dtype), None
+
+  q, ql, c, cl, sigma, ex, lse_all, lse_pos = res
+  scale = 0.5 / jnp.square(sigma)
+  qq = jnp.sum(q * q, axis=-1)
+  cc = jnp.sum(c * c, axis=-1)
+
+  def body(carry, start, c_blk, extras):
+    cc_blk, cl_blk = extras
+    dq_acc, ds_acc = carry
+    logits, keep, pos = _block_terms(q, qq, ql, ex, c_blk, cc_blk, cl_blk, start,
+                                     scale)
+    dg = _prob_diff(logits, keep, pos, lse_all, lse_pos) * g[:, None]
+    dq_acc = dq_acc + dg @ c_blk - jnp.sum(dg, axis=1)[:, None] * q
+    ds_acc = ds_acc + jnp.sum(dg * logits)
+    dc_blk = 2 * scale * (dg.T @ q - jnp.sum(dg, axis=0)[:, None] * c_blk)
+    return (dq_acc, ds_acc), dc_blk
+
+  (dq, dsum), dc = scan_chunks(body, (jnp.zeros_like(q), jnp.zeros((), q.dtype)),
+                               c, (cc, cl), chunk_size)
+  dsigma = -(2.0 / sigma) * dsum
+  return 2 * scale * dq, None, dc, None, dsigma.astype(sigma.dtype), None
+
+
+_nca.defvjp(_nca_fwd, _nca_bwd)
+
+
+def nca_loss(queries: jax.Array, query_labels: jax.Array, centers: jax.Array,
+             center_labels: jax.Array, sigma: Any,
+             exclude: Optional[jax.Array] = None,
+             chunk_size: Optional[int] = None) -> jax.Array:
+  """Per-query NCA loss -log p(correct class) of the RBF rule, eq. (4) / (6).
+
+  Lebedev et al., Impostor Networks, eq. (4) with the Gaussian kernel of
+  eq. (2):
+
+      L_i = -log( sum_{j != e_i, l_j = l_i} w_ij / sum_{j != e_i} w_ij ),
+      w_ij = exp(-||q_i - c_j||^2 / (2 sigma^2)).
+
+  Equals pytorch-metric-learning's `NCALoss(softmax_scale=1 / (2 sigma^2))`
+  with `LpDistance(power=2, normalize_embeddings=False)`, per element.
+
+  A query with no same-class center (after exclusion) has an empty numerator;
+  its loss is defined as 0 with zero gradient (pytorch-metric-learning drops
+  such rows from its mean instead; weigh them out yourself if you average).
+
+  Differentiable in `queries`, `centers` and `sigma` through a custom VJP
+  (reverse mode only: `jax.jvp`/`jacfwd` are not supported). jit/vmap-safe.
+
+  Args:
+    queries: (B, d) float embeddings f(x_i).
+    query_labels: (B,) int labels l_i.
+    centers: (M, d) float impostors c_j (same dtype family as queries).
+    center_labels: (M,) int labels l_j.
+    sigma: scalar kernel width > 0 (Python float or traced scalar).
+    exclude: optional (B,) int: index in [0, M) of a center each query
+      bypasses (its own impostor, the j != i of eq. 4); negative = none.
+    chunk_size: optional int; stream over M in blocks of this many centers
+      (online log-sum-exp, forward and backward), so memory is
+      O(B * chunk_size) besides the (M, d) inputs and gradient. Same values.
+
+  Returns:
+    (B,) float losses, in the promoted float dtype (at least float32).
+
+  Raises:
+    TypeError/ValueError: wrong ranks, dtypes, mismatched sizes, sigma <= 0
+      (when concrete), `exclude` >= M (when concrete).
+  """
+  q = _checks.float_array(queries, "queries", 2)
+  c = _checks.float_array(centers, "centers", 2)
+  ql = _checks.int_array(query_labels, "query_labels", 1)
+  cl = _checks.int_array(center_labels, "center_labels", 1)
+  _checks.same_size(q, "queries", 1, c, "centers", 1)
+  _checks.same_size(ql, "query_labels", 0, q, "queries", 0)
+  _checks.same_size(cl, "center_labels", 0, c, "centers", 0)
+  _checks.positive_scalar(sigma, "sigma")
+  if c.shape[0] == 0:
+    raise ValueError("`centers` is empty (M = 0); the NCA loss needs >= 1 center.")
+  if exclude is None:
+    ex = jnp.full((q.shape[0],), -1, jnp.int32)
+  else:
+    ex = _checks.int_array(exclude, "exclude", 1)
+    _checks.same_size(ex, "exclude", 0, q, "queries", 0)
+    _checks.in_range(ex, "exclude", -(2**31), c.shape[0],
+                     "center indices; negative means exclude nothing")
+  chunk = _checks.chunk_size_arg(chunk_size, c.shape[0])
+  dtype = _checks.compute_dtype(q.dtype, c.dtype)
+  sigma = jnp.asarray(sigma, dtype)
+  return _nca(q.astype(dtype), ql, c.astype(dtype), cl, sigma, ex, chunk)
