@@ -1,0 +1,175 @@
+"""TensorFlow Datasets sources without TensorFlow: `tfds.data_source` random access.
+
+`tfds.data_source(name, split=..., data_dir=..., download=False)` reads prepared
+ArrayRecord files with NumPy decoding only, so training needs no TensorFlow. Data
+must already be prepared (we never download during training): see
+`TfdsDataMissingError` for the fix printed to the user.
+
+Preparing these four data sets (`tfds build` / `download_and_prepare`) DOES need
+TensorFlow: their builders (caltech_birds2011, cars196, stanford_dogs,
+oxford_flowers102 in tensorflow_datasets 4.9.10) read the raw archives with
+`tf.io.gfile`, which is not installed here. Prepare them once on a machine with
+TensorFlow and network access:
+  pip install tensorflow tensorflow-datasets
+  tfds build caltech_birds2011 --file_format=array_record --data_dir=/path/tfds
+and pass `--config.data.tfds_data_dir=/path/tfds`. The default TFRecord format
+cannot be read with random access: `--file_format=array_record` is required.
+
+Splits: 'canonical' uses the data set's own train / validation / test; where it has
+no validation split (caltech_birds2011, cars196, stanford_dogs), `data.val_fraction`
+(default 0.1) of train, chosen by a permutation seeded with data.seed, becomes val.
+Bounding boxes (`data.bbox_crop`): TFDS BBox (ymin, xmin, ymax, xmax), normalised;
+the image is cropped before any resize (paper section 4, following [6]).
+stanford_dogs stores a box per dog in 'objects': their union is used.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from fgjax.data import sources
+from fgjax.data import transforms
+
+# Native split names per data set; others fall back to dataset_info (train / test).
+KNOWN_SPLITS = {
+    "caltech_birds2011": ("train", None, "test"),
+    "cars196": ("train", None, "test"),
+    "stanford_dogs": ("train", None, "test"),
+    "oxford_flowers102": ("train", "validation", "test"),
+}
+
+
+class TfdsDataMissingError(FileNotFoundError):
+  """The TFDS data set is not prepared (as ArrayRecord) under the data_dir used."""
+
+
+def resolve_data_dir(data_dir: str = "") -> str:
+  """data.tfds_data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (TFDS rule)."""
+  if data_dir:
+    return os.path.abspath(os.path.expanduser(data_dir))
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return os.path.abspath(os.path.expanduser(str(tfds.core.constants.DATA_DIR)))
+
+
+class TfdsSource:
+  """Records from a TFDS data source, optionally restricted to `positions`.
+
+  Record: {'image': uint8 (H, W, 3), 'label': int, 'index': position in this split}.
+  """
+
+  def __init__(self, data_source: Any, positions: Optional[np.ndarray] = None,
+               bbox_crop: bool = False, name: str = ""):
+    self.data_source = data_source
+    self.positions = (np.arange(len(data_source)) if positions is None
+                      else np.asarray(positions, np.int64))
+    self.bbox_crop = bbox_crop
+    self.name = name
+    self.bad_files: list[str] = []
+    self.read_failures: list[str] = []
+    self._labels: Optional[np.ndarray] = None
+
+  def __len__(self) -> int:
+    return len(self.positions)
+
+  @property
+  def labels(self) -> np.ndarray:
+    """int32 (N,); reads every record once (images are decoded too), then cached."""
+    if self._labels is None:
+      self._labels = np.asarray([int(self.data_source[int(p)]["label"])
+                                 for p in self.positions], np.int32)
+    return self._labels
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f"index {i} out of range for {self.name} of size {len(self)}.")
+    ex = self.data_source[int(self.positions[i])]
+    image = transforms.as_rgb_array(ex["image"])
+    if self.bbox_crop:
+      if "bbox" in ex:
+        box = np.asarray(ex["bbox"]).reshape(-1)[:4]
+      elif "objects" in ex and "bbox" in ex["objects"]:
+        box = transforms.union_bbox(ex["objects"]["bbox"])
+      else:
+        raise ValueError(f"config.data.bbox_crop=True but {self.name} records have no "
+                         "'bbox' feature; set --config.data.bbox_crop=False.")
+      image = transforms.crop_to_bbox(image, box)
+    return {"image": image, "label": int(ex["label"]), "index": i}
+
+  def __repr__(self) -> str:
+    return f"TfdsSource(name={self.name!r}, len={len(self)})"
+
+
+def _open(name: str, split: str, data_dir: str) -> Any:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"config.data.tfds_name={name!r} is not a TFDS data set ({e}).") from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise TfdsDataMissingError(
+        f"TFDS data set {name!r} (split {split!r}) is not prepared as ArrayRecord under "
+        f"data_dir={data_dir} (from config.data.tfds_data_dir, $TFDS_DATA_DIR or "
+        "~/tensorflow_datasets); download is off during training. Fix: pass "
+        "--config.data.tfds_data_dir=/path/to/tensorflow_datasets holding a prepared "
+        f"copy, or prepare it once with network and TensorFlow: `tfds build {name} "
+        f"--file_format=array_record --data_dir={data_dir}`. TFDS said: "
+        f"{type(e).__name__}: {e}") from e
+
+
+def _class_names(ds: Any, name: str) -> list[str]:
+  try:
+    return list(ds.dataset_info.features["label"].names)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"TFDS data set {name!r} has no ClassLabel 'label' feature; it cannot "
+                     "be used for classification.") from e
+
+
+def tfds_splits(cfg) -> sources.Splits:
+  """Splits of a prepared TFDS data set (see the module docstring)."""
+  name = cfg.get("tfds_name", "")
+  if not name or not isinstance(name, str):
+    raise ValueError("config.data.tfds_name must name a TFDS data set for source='tfds', "
+                     "e.g. 'caltech_birds2011'.")
+  split = cfg.get("split", "canonical")
+  if split != "canonical":
+    raise ValueError(f"config.data.split={split!r}: source='tfds' supports only "
+                     "'canonical' (the data set's own splits, val carved from train "
+                     "when missing).")
+  if cfg.get("holdout_classes", ()) or cfg.get("classes_subset", ()):
+    raise ValueError("config.data.holdout_classes / classes_subset are not supported for "
+                     "source='tfds' yet; use an image_folder or birds525 source.")
+  val_fraction = float(cfg.get("val_fraction", 0.1))
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"config.data.val_fraction must lie in (0, 1), got {val_fraction}.")
+  seed = sources._seed(cfg)  # pylint: disable=protected-access
+  bbox_crop = bool(cfg.get("bbox_crop", False))
+  data_dir = resolve_data_dir(cfg.get("tfds_data_dir", ""))
+  train_name, val_name, test_name = KNOWN_SPLITS.get(name, ("train", None, "test"))
+
+  train_ds = _open(name, train_name, data_dir)
+  test_ds = _open(name, test_name, data_dir)
+  class_names = _class_names(train_ds, name)
+  if val_name is not None:
+    val = TfdsSource(_open(name, val_name, data_dir), bbox_crop=bbox_crop,
+                     name=f"{name}:{val_name}")
+    train = TfdsSource(train_ds, bbox_crop=bbox_crop, name=f"{name}:{train_name}")
+  else:
+    n = len(train_ds)
+    order = np.random.default_rng([seed, n]).permutation(n)
+    n_val = max(1, int(round(val_fraction * n)))
+    if n - n_val < 1:
+      raise ValueError(f"{name}: train has {n} examples, too few to carve a validation "
+                       f"split with config.data.val_fraction={val_fraction}.")
+    val = TfdsSource(train_ds, np.sort(order[:n_val]), bbox_crop, name=f"{name}:val")
+    train = TfdsSource(train_ds, np.sort(order[n_val:]), bbox_crop, name=f"{name}:train")
+  test = TfdsSource(test_ds, bbox_crop=bbox_crop, name=f"{name}:{test_name}")
+  return sources.Splits(train=train, val=val, test=test, class_names=class_names)
+
+
+def tfds_names() -> Sequence[str]:
+  """The data sets with a known split layout (others: train / test assumed)."""
+  return tuple(KNOWN_SPLITS)
