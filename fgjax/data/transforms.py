@@ -192,3 +192,38 @@ def normalize(images: np.ndarray, mean: Any, std: Any) -> np.ndarray:
   mean = np.asarray(mean, np.float32).reshape(-1)
   std = np.asarray(std, np.float32).reshape(-1)
   return (images.astype(np.float32) - mean) / std
+
+
+def crop_to_bbox(image: np.ndarray, box: Any) -> np.ndarray:
+  """Alias of `crop_box` (TFDS BBox (ymin, xmin, ymax, xmax), normalised)."""
+  return crop_box(image, box)
+
+
+def union_bbox(boxes: Any) -> np.ndarray:
+  """Smallest normalised box (ymin, xmin, ymax, xmax) containing every box of (K, 4).
+
+  K == 0 gives the whole image (0, 0, 1, 1).
+  """
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  if not len(boxes):
+    return np.array([0.0, 0.0, 1.0, 1.0])
+  return np.concatenate([boxes[:, :2].min(axis=0), boxes[:, 2:].max(axis=0)])
+
+
+def as_rgb_array(image: Any) -> np.ndarray:
+  """A decoded image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> uint8 (H, W, 3).
+
+  Grayscale is replicated; an alpha channel is composited over white (as `to_rgb`).
+  """
+  arr = np.asarray(image)
+  if arr.dtype != np.uint8:
+    raise TypeError(f"image must be uint8, got {arr.dtype}.")
+  if arr.ndim == 2:
+    arr = arr[..., None]
+  if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"image must be (H, W[, 1|3|4]), got shape {arr.shape}.")
+  if arr.shape[-1] == 1:
+    return np.repeat(arr, 3, axis=-1)
+  if arr.shape[-1] == 4:
+    return np.asarray(to_rgb(Image.fromarray(arr, "RGBA")), np.uint8)
+  return arr
