@@ -155,7 +155,11 @@ def make_iterator(source: Any, *, batch_size: int, train: bool, seed: int,
     _check_positive_int(num_epochs, "num_epochs")
   mean_arr = np.asarray(mean, np.float32).reshape(-1)
   std_arr = np.asarray(std, np.float32).reshape(-1)
-  transforms.normalize(np.zeros((1, 1, 1, 3), np.float32), mean_arr, std_arr)  # Checks.
+  if mean_arr.shape not in ((1,), (3,)) or std_arr.shape not in ((1,), (3,)):
+    raise ValueError(f"mean and std must have 1 or 3 values (0..255 pixel units), got "
+                     f"{mean!r} and {std!r}.")
+  if not np.all(np.isfinite(mean_arr)) or not np.all(std_arr > 0):
+    raise ValueError(f"mean must be finite and std positive, got {mean!r} and {std!r}.")
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
@@ -187,6 +191,11 @@ def make_iterator(source: Any, *, batch_size: int, train: bool, seed: int,
   if worker_count == 0:
     return (loader(step) for step in range(start_step, stop))
   import grain  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    # grain's worker processes read absl flags; outside absl.app.run (tests, notebooks)
+    # they would raise UnparsedFlagAccessError, so accept the defaults.
+    flags.FLAGS.mark_as_parsed()
   dataset = grain.MapDataset.range(start_step, stop).map(loader)
   # Batches are built inside the worker processes; threads would contend for the GIL.
   iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1,
