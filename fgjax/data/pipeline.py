@@ -48,7 +48,7 @@ class _BatchLoader:
 
   def __init__(self, source: Any, *, train: bool, seed: int, batch_size: int,
                host_rows: tuple[int, int], image_size: int, resize_size: int,
-               flip: bool, mean: np.ndarray, std: np.ndarray):
+               flip: bool):
     self.source = source
     self.train = train
     self.seed = int(seed)
@@ -57,8 +57,6 @@ class _BatchLoader:
     self.image_size = image_size
     self.resize_size = resize_size
     self.flip = flip
-    self.mean = mean
-    self.std = std
     self.n = len(source)
     self.steps_per_epoch = self.n // batch_size if train else 0
     self._perm_epoch = -1
@@ -100,7 +98,7 @@ class _BatchLoader:
       labels.append(rec["label"])
       indices.append(rec["index"])
     return {
-        "image": transforms.normalize(np.stack(images), self.mean, self.std),
+        "image": np.stack(images),  # uint8: 4x less to ship from worker processes.
         "label": np.asarray(labels, np.int32),
         "index": np.asarray(indices, np.int32),
         "valid": valid,
@@ -187,9 +185,10 @@ def make_iterator(source: Any, *, batch_size: int, train: bool, seed: int,
     stop = math.ceil(n / batch_size)
   loader = _BatchLoader(source, train=train, seed=seed, batch_size=batch_size,
                         host_rows=host_rows, image_size=image_size,
-                        resize_size=resize_size, flip=flip, mean=mean_arr, std=std_arr)
+                        resize_size=resize_size, flip=flip)
   if worker_count == 0:
-    return (loader(step) for step in range(start_step, stop))
+    return _normalized((loader(step) for step in range(start_step, stop)),
+                       mean_arr, std_arr)
   import grain  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
@@ -202,4 +201,11 @@ def make_iterator(source: Any, *, batch_size: int, train: bool, seed: int,
                                                       prefetch_buffer_size=1))
   iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
       num_workers=int(worker_count), per_worker_buffer_size=max(1, prefetch)))
-  return iter(iter_ds)
+  return _normalized(iter(iter_ds), mean_arr, std_arr)
+
+
+def _normalized(batches: Iterator[dict[str, np.ndarray]], mean: np.ndarray,
+                std: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+  """Normalises uint8 batch images in the consuming process (float32 is 4x larger)."""
+  for batch in batches:
+    yield {**batch, "image": transforms.normalize(batch["image"], mean, std)}
