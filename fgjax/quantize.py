@@ -237,22 +237,34 @@ def _random_init_one(key: jax.Array, x: jax.Array, k: int) -> jax.Array:
 def _lloyd(x_sub: jax.Array, centers: jax.Array, iterations: int) -> jax.Array:
   """`iterations` Lloyd steps on (m, N, s) data from (m, K, s) centroids.
 
-  A centroid that loses all its points is re-seeded at one of the points with
-  the largest quantisation error (distinct points for distinct empty
-  centroids), so that all K codes stay in use.
+  A centroid that loses all its points is re-seeded at the point with the
+  largest quantisation error (greedily, so that several empty centroids get
+  distinct points), so that all K codes stay in use.
   """
   k = centers.shape[1]
+
+  def reseed(x, means, empty, err):
+    # Greedy farthest-point seeding of the empty centroids: each pick lowers
+    # the errors of its neighbours (to 0 for its duplicates), so distinct
+    # empty centroids land on distinct, badly quantised points.
+    slots = jnp.nonzero(empty, size=k, fill_value=0)[0]
+
+    def body(state):
+      i, centers, err = state
+      c = x[jnp.argmax(err)]
+      return (i + 1, centers.at[slots[i]].set(c),
+              jnp.minimum(err, jnp.sum((x - c) ** 2, axis=1)))
+
+    _, centers, _ = jax.lax.while_loop(
+        lambda state: state[0] < jnp.sum(empty), body, (0, means, err))
+    return centers
 
   def update_one(x, c, idx, err):
     sums = jax.ops.segment_sum(x, idx, num_segments=k)
     counts = jax.ops.segment_sum(jnp.ones_like(idx, x.dtype), idx,
                                  num_segments=k)
     means = sums / jnp.maximum(counts, 1.0)[:, None]
-    empty = counts == 0
-    _, far = jax.lax.top_k(err, k)            # worst-quantised points first
-    rank = jnp.cumsum(empty) - 1               # j-th empty centroid -> far[j]
-    reseeded = x[far[jnp.clip(rank, 0, k - 1)]]
-    return jnp.where(empty[:, None], reseeded, means)
+    return reseed(x, means, counts == 0, err)
 
   def body(_, c):
     idx, err = _assign(x_sub, c)
@@ -319,7 +331,7 @@ def train_opq(x: Any, num_subspaces: int, *, opq_iterations: int = 10,
               num_centroids: int = 256, iterations: int = 20,
               inner_iterations: int = 4, seed: int = 0,
               init: str = "kmeans++",
-              init_rotation: str = "identity") -> ProductQuantizer:
+              init_rotation: str = "random") -> ProductQuantizer:
   """Trains an optimised product quantizer (Ge et al. 2013, non-parametric).
 
   Minimises sum_i ||x_i - decode(encode(x_i))||^2 over the codebooks and an
