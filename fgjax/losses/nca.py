@@ -45,10 +45,12 @@ def squared_distances(queries: jax.Array, centers: jax.Array) -> jax.Array:
   """
   qq = jnp.sum(queries * queries, axis=-1)
   cc = jnp.sum(centers * centers, axis=-1)
-  return _sq_dists(queries, qq, centers, cc)
+  return squared_distances_from_norms(queries, qq, centers, cc)
 
 
-def _sq_dists(q, qq, c, cc):
+def squared_distances_from_norms(q: jax.Array, qq: jax.Array, c: jax.Array,
+                                 cc: jax.Array) -> jax.Array:
+  """`squared_distances` given precomputed squared norms qq (B,) and cc (M,)."""
   qc = jnp.matmul(q, c.T, precision=lax.Precision.HIGHEST)
   return jnp.maximum(qq[:, None] + cc[None, :] - 2.0 * qc, 0.0)
 
@@ -92,8 +94,11 @@ def online_logsumexp(m: jax.Array, s: jax.Array, block_max: jax.Array,
   """
   new_m = jnp.maximum(m, block_max)
   shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
-  old_shift = jnp.where(jnp.isfinite(m), m, 0.0)
-  s = s * jnp.exp(old_shift - shift) + block_sum_fn(shift)
+  # m <= new_m, so the rescale factor is <= 1; an empty running set (m = -inf)
+  # contributes 0 (exp of a shift difference could overflow to inf * 0 = NaN).
+  factor = jnp.where(jnp.isfinite(m), jnp.exp(jnp.where(jnp.isfinite(m), m, 0.0)
+                                              - shift), 0.0)
+  s = s * factor + block_sum_fn(shift)
   return new_m, s
 
 
@@ -144,7 +149,7 @@ def scan_chunks(body: Callable, carry: Any, centers: jax.Array, extras: tuple,
 # ---- NCA loss ------------------------------------------------------------------------
 def _block_terms(q, qq, ql, ex, c, cc, cl, start, scale):
   """Logits and the masks of one block of centers."""
-  logits = -scale * _sq_dists(q, qq, c, cc)
+  logits = -scale * squared_distances_from_norms(q, qq, c, cc)
   cols = start + jnp.arange(c.shape[0])
   keep = cols[None, :] != ex[:, None]               # eq. (4): j != i
   pos = keep & (cl[None, :] == ql[:, None])         # [l_j = l_i]
