@@ -7,7 +7,8 @@ class distribution is higher on unseen classes for RBF/impostor classifiers,
 and the two entropy histograms are compared with the Kolmogorov-Smirnov
 distance. This module provides those measurements plus the detector view:
 
-* `entropy_from_log_probs`: H(p) = -sum_l p_l log p_l (nats), per row.
+* `entropy_from_log_probs`: H(p) = -sum_l p_l log p_l (nats), per row
+  (re-exported from fgjax.impostors).
 * `ks_distance`: exact two-sample KS statistic sup_t |F_known(t) - F_unknown(t)|.
 * `auroc`: area under the ROC curve of a score as an "unknown" detector
   (Mann-Whitney U, ties counted half).
@@ -34,6 +35,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fgjax.impostors import entropy_from_log_probs  # re-exported
 
 UNKNOWN = -1  # label predicted for rejected (open-set) inputs
 
@@ -67,30 +70,6 @@ def _check_sample(x: Any, name: str) -> np.ndarray:
         f"`{name}` contains NaN or inf at indices "
         f"{np.flatnonzero(~np.isfinite(x))[:5].tolist()}; drop or fix them.")
   return x
-
-
-def entropy_from_log_probs(log_probs: Any) -> jax.Array:
-  """Entropy of each predicted class distribution, in nats.
-
-  H(p) = -sum_l p_l log p_l with p_l = exp(log_probs[:, l]); classes with
-  p_l = 0 (log-prob -inf, e.g. a class without impostors) contribute 0.
-
-  Args:
-    log_probs: (B, C) floating log-probabilities (rows normalised), e.g. from
-      the RBF rule (eq. 3) or log_softmax of ConvNet logits.
-
-  Returns:
-    (B,) entropies (same float dtype), in [0, log C].
-  """
-  log_probs = _check_log_probs(log_probs)
-  return _entropy(log_probs)
-
-
-@jax.jit
-def _entropy(log_probs: jax.Array) -> jax.Array:
-  p = jnp.exp(log_probs)
-  safe = jnp.where(p > 0, log_probs, 0.0)
-  return -jnp.sum(p * safe, axis=-1)
 
 
 def ks_distance(a: Any, b: Any) -> float:
@@ -182,13 +161,13 @@ def reject_unknown(log_probs: Any, threshold: float
   threshold = float(threshold)
   if math.isnan(threshold):
     raise ValueError("`threshold` is NaN; pass a finite entropy value.")
-  return _reject(log_probs, jnp.asarray(threshold, log_probs.dtype))
+  is_unknown = entropy_from_log_probs(log_probs) > threshold
+  return _reject(log_probs, is_unknown)
 
 
 @jax.jit
-def _reject(log_probs: jax.Array, threshold: jax.Array
+def _reject(log_probs: jax.Array, is_unknown: jax.Array
             ) -> tuple[jax.Array, jax.Array]:
-  is_unknown = _entropy(log_probs) > threshold
   pred = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
   return jnp.where(is_unknown, UNKNOWN, pred), is_unknown
 

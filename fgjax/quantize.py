@@ -539,12 +539,10 @@ def adc_squared_distances(pq: ProductQuantizer, queries: Any,
 
 def rbf_log_probs_from_sq_distances(sq_dists: Any, labels: Any, sigma: float,
                                     num_classes: int) -> jax.Array:
-  """RBF class log-probabilities from squared distances (paper eqs. 2-3).
+  """RBF class log-probabilities over all N impostors (paper eqs. 2-3).
 
-  log p(l) = logsumexp_{j: l_j = l}(-d_j / 2 sigma^2)
-             - logsumexp_j(-d_j / 2 sigma^2),
-  computed in log space so that a small sigma does not underflow. Classes
-  without any impostor get -inf.
+  A thin wrapper of `fgjax.impostors.rbf_log_probs_from_neighbors` with every
+  impostor as a "neighbour", for the (B, N) output of `adc_squared_distances`.
 
   Args:
     sq_dists: (B, N) squared distances, e.g. from `adc_squared_distances`.
@@ -553,30 +551,14 @@ def rbf_log_probs_from_sq_distances(sq_dists: Any, labels: Any, sigma: float,
     num_classes: C.
 
   Returns:
-    (B, C) float32 log-probabilities.
+    (B, C) log-probabilities; -inf for classes without impostors.
   """
+  from fgjax import impostors  # pylint: disable=g-import-not-at-top
   sq_dists = _check_matrix(sq_dists, "sq_dists")
-  labels = np.asarray(labels) if not hasattr(labels, "dtype") else labels
-  if labels.ndim != 1 or labels.shape[0] != sq_dists.shape[1]:
-    raise ValueError(
-        f"`labels` must be (N={sq_dists.shape[1]},); got {tuple(labels.shape)}.")
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"`labels` must be integers; got {labels.dtype}.")
-  if not float(sigma) > 0:
-    raise ValueError(f"`sigma` must be > 0; got {sigma}.")
-  num_classes = _check_int(num_classes, "num_classes", 1)
-  return _rbf_log_probs(sq_dists, jnp.asarray(labels, jnp.int32),
-                        jnp.float32(sigma), num_classes=num_classes)
-
-
-@functools.partial(jax.jit, static_argnames=("num_classes",))
-def _rbf_log_probs(sq_dists, labels, sigma, *, num_classes):
-  logits = -sq_dists / (2.0 * sigma * sigma)                       # (B, N)
-  shift = jnp.max(logits, axis=1, keepdims=True)
-  w = jnp.exp(logits - shift)
-  per_class = jax.ops.segment_sum(w.T, labels, num_segments=num_classes).T
-  log_total = jnp.log(jnp.sum(w, axis=1, keepdims=True))
-  return jnp.log(per_class) - log_total
+  indices = jnp.broadcast_to(
+      jnp.arange(sq_dists.shape[1], dtype=jnp.int32)[None, :], sq_dists.shape)
+  return impostors.rbf_log_probs_from_neighbors(sq_dists, indices, labels,
+                                                sigma, num_classes)
 
 
 def nbytes(pq: ProductQuantizer, codes: Any | None = None) -> dict[str, int]:

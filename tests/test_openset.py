@@ -124,8 +124,6 @@ def test_errors():
     openset.ks_distance([np.nan], [1.0])
   with pytest.raises(ValueError, match="tpr"):
     openset.threshold_at_tpr([1.0], 0.0)
-  with pytest.raises(ValueError, match="log_probs"):
-    openset.entropy_from_log_probs(np.zeros(3, np.float32))
   with pytest.raises(TypeError, match="log_probs"):
     openset.reject_unknown(np.zeros((2, 3), np.int32), 0.5)
   with pytest.raises(ValueError, match="threshold"):
