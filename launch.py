@@ -22,9 +22,17 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Drops orbax's per-save INFO chatter so the training log shows progress lines."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   from fgjax import train  # Imported after flag parsing so --help stays fast.
   results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   summary = {split: {head: r[head] for head in ("rbf", "softmax") if head in r}

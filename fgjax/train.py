@@ -121,7 +121,7 @@ def make_update_fn(net: heads.ImpostorNet, scheme: schemes.Scheme,
     grads, (metrics, new_stats) = jax.grad(loss_fn, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     params = {"net": trainable["net"], "impostors": state["params"]["impostors"]}
     if scheme.uses_impostors:
       params["impostors"] = impostors_lib.ImpostorSet(trainable["centers"],
