@@ -15,6 +15,12 @@ step sees one shape.
 Parallelism: grain (`MapDataset.range(steps).map(load batch)`), with
 `IterDataset.mp_prefetch` over `worker_count` processes when worker_count > 0
 (PIL decode and resize then run on all cores); 0 loads in the calling thread.
+Workers return uint8 batches (4x smaller than float32 through shared memory); the
+consumer normalises. grain starts workers with multiprocessing 'spawn', so a script
+using worker_count > 0 needs the `if __name__ == "__main__":` guard (absl.app.run
+scripts such as launch.py have it), and each worker pays a few seconds of imports
+once. Outside absl.app.run, absl flags are marked parsed with their defaults
+because grain reads them.
 
 Multi-host: batch_size is the global batch; process p of P gets rows
 [p * B / P, (p + 1) * B / P) of each global batch (defaults from jax), which the
