@@ -403,3 +403,14 @@ def test_birds525_canonical(birds525_root):
 def test_default_birds525_root_resolves(birds525_root):
   assert sources.default_birds525_root().resolve() == pathlib.Path(birds525_root).resolve()
   assert pipeline.steps_per_epoch(range(1575), 32) == 49
+
+
+def test_digits_classes_subset_and_holdout():
+  splits = data.get_splits(_cfg(source="digits", split="train:0.5,test:0.5",
+                                classes_subset=(1, 3, 5, 7), holdout_classes=(5,)))
+  assert splits.class_names == ["1", "3", "7"] and splits.val is None
+  assert splits.unknown_class_names == ["5"]
+  assert set(splits.train.labels) == {0, 1, 2} and set(splits.unknown.labels) == {-1}
+  from sklearn import datasets
+  counts = np.bincount(datasets.load_digits().target)
+  assert len(splits.unknown) == counts[5] - round(counts[5] * 0.5)

@@ -39,6 +39,7 @@ from fgjax.data.sources import ArraySource
 from fgjax.data.sources import FileSource
 from fgjax.data.sources import get_splits
 from fgjax.data.sources import Splits
+from fgjax.data.tfds_sources import TfdsDataMissingError
 
 __all__ = ["ArraySource", "FileSource", "Splits", "get_splits", "make_iterator",
-           "steps_per_epoch"]
+           "steps_per_epoch", "TfdsDataMissingError"]
