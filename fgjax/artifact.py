@@ -44,6 +44,9 @@ def export(path: str, *, config, class_names: list[str], variables: dict[str, An
   _dump(os.path.join(path, "meta.json"), meta)
   _dump(os.path.join(path, "config.json"), config.to_dict())
   _dump(os.path.join(path, "class_names.json"), list(class_names))
+  # Networks without BatchNorm have no batch_stats collection; keep the tree identical
+  # to what `net.init` creates so that loading can restore into it.
+  variables = {k: v for k, v in variables.items() if k == "params" or v}
   host = jax.tree.map(np.asarray, jax.device_get(variables))
   with open(os.path.join(path, "variables.msgpack"), "wb") as f:
     f.write(flax.serialization.to_bytes(host))

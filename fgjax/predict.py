@@ -1,0 +1,123 @@
+"""Classifies image files with a trained fgjax model.
+
+  python -m fgjax.predict --workdir DIR image.jpg [more images or folders] [--json]
+  fgjax-predict --artifact DIR photos/ --reject_entropy 2.5
+
+Prints, per image, the top-k classes with probabilities, the entropy of the predicted
+distribution (paper section 4.2) and "unknown" when the entropy is above
+`--reject_entropy`. Unreadable images are reported per file and do not stop the others.
+`--workdir` reads `<workdir>/artifact`, which training writes at the end.
+"""
+
+import json
+import os
+import sys
+from typing import Any, Iterable, Optional, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from fgjax import artifact
+from fgjax.data import transforms
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (uses <workdir>/artifact).")
+_ARTIFACT = flags.DEFINE_string("artifact", None, "An exported artifact directory.")
+_TOPK = flags.DEFINE_integer("topk", 5, "Classes to print per image.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON document instead of text.")
+_REJECT = flags.DEFINE_float("reject_entropy", None,
+                             "Predict 'unknown' above this entropy (nats).")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Images per forward pass.")
+
+
+def expand_paths(paths: Iterable[str]) -> list[str]:
+  """Files as given; folders expanded (recursively, sorted) to their image files."""
+  out = []
+  for p in paths:
+    if os.path.isdir(p):
+      for root, dirs, files in os.walk(p):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.join(root, f) for f in sorted(files)
+                if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
+    else:
+      out.append(p)
+  return out
+
+
+def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
+                  reject_entropy: Optional[float] = None,
+                  batch_size: int = 16) -> list[dict[str, Any]]:
+  """One result dict per path: {'path', 'top': [(class, prob)], 'entropy', 'unknown'}
+  or {'path', 'error'} for a file that could not be read."""
+  size, resize = model.meta["image_size"], model.meta["resize_size"]
+  results: list[Optional[dict[str, Any]]] = [None] * len(paths)
+  pending: list[tuple[int, np.ndarray]] = []
+
+  def flush():
+    if not pending:
+      return
+    images = transforms.normalize(np.stack([im for _, im in pending]), model.mean,
+                                  model.std)
+    log_probs = model.log_probs(images)
+    for (i, _), lp in zip(pending, log_probs):
+      probs = np.exp(lp.astype(np.float64))
+      entropy = float(-np.sum(np.where(probs > 0, probs * lp, 0.0)))
+      order = np.argsort(-probs, kind="stable")[:topk]
+      results[i] = {
+          "path": paths[i],
+          "top": [{"class": model.class_names[j], "index": int(j),
+                   "prob": float(probs[j])} for j in order],
+          "entropy": entropy,
+          "unknown": bool(reject_entropy is not None and entropy > reject_entropy),
+      }
+    pending.clear()
+
+  for i, path in enumerate(paths):
+    try:
+      image = transforms.decode_image(path, min_size=resize)
+    except Exception as e:  # Any decoder failure is this file's problem only.
+      results[i] = {"path": path, "error": f"{type(e).__name__}: {e}"}
+      continue
+    pending.append((i, transforms.eval_transform(image, image_size=size,
+                                                 resize_size=resize)))
+    if len(pending) == batch_size:
+      flush()
+  flush()
+  return results
+
+
+def _format(r: dict[str, Any]) -> str:
+  if "error" in r:
+    return f"{r['path']}: ERROR {r['error']}"
+  head = f"{r['path']}: entropy {r['entropy']:.3f}" + ("  -> unknown" if r["unknown"] else "")
+  lines = [head] + [f"  {t['prob']:.4f}  {t['class']}" for t in r["top"]]
+  return "\n".join(lines)
+
+
+def main(argv):
+  paths = expand_paths(argv[1:])
+  if not paths:
+    raise app.UsageError("Give at least one image file or folder.")
+  if bool(_WORKDIR.value) == bool(_ARTIFACT.value):
+    raise app.UsageError("Give exactly one of --workdir or --artifact.")
+  path = _ARTIFACT.value or os.path.join(_WORKDIR.value, "artifact")
+  model = artifact.Model(path)
+  results = predict_files(model, paths, topk=_TOPK.value, reject_entropy=_REJECT.value,
+                          batch_size=_BATCH.value)
+  if _JSON.value:
+    print(json.dumps({"model": path, "results": results}, indent=2))
+  else:
+    print("\n".join(_format(r) for r in results))
+  if all("error" in r for r in results):
+    sys.exit(1)
+
+
+def run():
+  """Console-script entry point (`fgjax-predict`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
