@@ -8,7 +8,7 @@ of "the matmuls alone": the forward B x M x d distance matmul plus the two
 backward matmuls (B x M) @ (M x d) and (M x B) @ (B x d): the roofline.
 
 Part 2: chunked NCA for M = 100,000 and 1,000,000, each in its own subprocess
-so ru_maxrss is that configuration's peak resident memory.
+so its peak resident memory (VmHWM) and XLA's temp-buffer size are\nthat configuration's alone.
 
 Run (serialised with other engineers' timing runs):
   flock /tmp/fgjax-bench.lock /work/venv/bin/python benchmarks/losses.py
@@ -57,8 +57,11 @@ def _timeit_interleaved(fns, reps, warmup=2):
 
 def _data(b, m, d, num_classes, seed=0):
   rng = np.random.default_rng(seed)
-  q = rng.normal(size=(b, d)).astype(np.float32) / np.sqrt(d)
-  c = rng.normal(size=(m, d)).astype(np.float32) / np.sqrt(d)
+  # float32 straight from the generator: no float64 copy inflating ru_maxrss.
+  q = rng.standard_normal((b, d), dtype=np.float32)
+  c = rng.standard_normal((m, d), dtype=np.float32)
+  q *= 1 / np.sqrt(d)
+  c *= 1 / np.sqrt(d)
   ql = rng.integers(0, num_classes, b).astype(np.int32)
   cl = rng.integers(0, num_classes, m).astype(np.int32)
   return q, ql, c, cl
@@ -121,6 +124,16 @@ def part1(reps):
   return out
 
 
+def _vm_hwm_mib():
+  """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not
+  inherited from the forking parent)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def part2(m, d, chunk, reps):
   """One chunked configuration; run in a fresh process for a clean ru_maxrss."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -131,14 +144,18 @@ def part2(m, d, chunk, reps):
   q, ql, c, cl = _data(b, m, d, 1000)
   qj, cj = jnp.asarray(q), jnp.asarray(c)
   del c
-  rss_inputs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  rss_inputs = _vm_hwm_mib()
   fn = jax.jit(jax.value_and_grad(
       lambda q, c: losses.nca_loss(q, ql, c, cl, sigma,
                                    chunk_size=chunk or None).mean(), argnums=(0, 1)))
+  # XLA's own account of the scratch buffers the compiled step needs.
+  mem = fn.lower(qj, cj).compile().memory_analysis()
+  temp_mib = getattr(mem, "temp_size_in_bytes", -2**20) / 2**20
   best, med = _timeit(lambda: jax.block_until_ready(fn(qj, cj)), reps, warmup=1)
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  rss = _vm_hwm_mib()
   return {"B": b, "M": m, "d": d, "chunk_size": chunk, "best_s": best,
           "median_s": med, "peak_rss_mib": rss, "rss_after_inputs_mib": rss_inputs,
+          "xla_temp_mib": temp_mib,
           "bm_matrix_mib": b * m * 4 / 2**20, "centers_mib": m * d * 4 / 2**20}
 
 

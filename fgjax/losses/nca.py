@@ -103,47 +103,50 @@ def online_logsumexp(m: jax.Array, s: jax.Array, block_max: jax.Array,
 
 
 def scan_chunks(body: Callable, carry: Any, centers: jax.Array, extras: tuple,
-                chunk_size: int):
+                chunk_size: int, out: Optional[jax.Array] = None):
   """Runs `body` over consecutive row blocks of `centers` (and `extras`).
 
   Full blocks go through `lax.scan` with `dynamic_slice` (no padded copy of
-  the centers); the remainder, if any, is one more static call.
+  the centers); the remainder, if any, is one more static call. Per-block
+  outputs are written in place into `out` (dynamic_update_slice on a loop
+  carry, which XLA aliases), so no (M, ...) stack of blocks plus a
+  concatenated copy is ever held.
 
   Args:
-    body: (carry, start, c_block, extras_block) -> (carry, out_block); `start`
-      is the global row index of the block's first row.
+    body: (carry, start, c_block, extras_block) -> (carry, out_block or None);
+      `start` is the global row index of the block's first row.
     carry: initial carry.
     centers: (M, d).
     extras: tuple of arrays with leading axis M, sliced alongside.
     chunk_size: rows per block.
+    out: optional (M, ...) buffer the per-block outputs are written into.
 
   Returns:
-    (carry, outs) with outs the per-block outputs concatenated along axis 0
-    (None when `body` returns None).
+    (carry, out) with `out` filled (None when not given).
   """
   m = centers.shape[0]
   n_full, rem = divmod(m, chunk_size)
 
-  def step(carry, i):
+  def run(state, start, blk, ex):
+    carry, buf = state
+    carry, y = body(carry, start, blk, ex)
+    if buf is not None:
+      buf = lax.dynamic_update_slice_in_dim(buf, y.astype(buf.dtype), start, 0)
+    return carry, buf
+
+  def step(state, i):
     start = i * chunk_size
     blk = lax.dynamic_slice_in_dim(centers, start, chunk_size)
     ex = tuple(lax.dynamic_slice_in_dim(e, start, chunk_size) for e in extras)
-    return body(carry, start, blk, ex)
+    return run(state, start, blk, ex), None
 
-  outs = []
+  state = (carry, out)
   if n_full:
-    carry, ys = lax.scan(step, carry, jnp.arange(n_full))
-    if ys is not None:
-      outs.append(ys.reshape((n_full * chunk_size,) + ys.shape[2:]))
+    state, _ = lax.scan(step, state, jnp.arange(n_full))
   if rem:
     start = n_full * chunk_size
-    carry, y = body(carry, start, centers[start:],
-                    tuple(e[start:] for e in extras))
-    if y is not None:
-      outs.append(y)
-  if not outs:
-    return carry, None
-  return carry, outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+    state = run(state, start, centers[start:], tuple(e[start:] for e in extras))
+  return state
 
 
 # ---- NCA loss ------------------------------------------------------------------------
@@ -265,7 +268,7 @@ def _nca_bwd(chunk_size, res, g):
     return (dq_acc, ds_acc), dc_blk
 
   (dq, dsum), dc = scan_chunks(body, (jnp.zeros_like(q), jnp.zeros((), q.dtype)),
-                               c, (cc, cl), chunk_size)
+                               c, (cc, cl), chunk_size, out=jnp.zeros_like(c))
   dsigma = -(2.0 / sigma) * dsum
   return 2 * scale * dq, None, dc, None, dsigma.astype(sigma.dtype), None
 
