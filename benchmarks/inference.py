@@ -1,0 +1,169 @@
+"""CPU inference / train-step speed: fgjax vs PyTorch eager vs ONNX Runtime.
+
+Run (serialised with other engineers' timing runs):
+  flock /tmp/fgjax-bench.lock /work/venv/bin/python benchmarks/inference.py
+
+Models: EfficientNet-Lite0 and SqueezeNet 1.1 at 224x224, batch 1 and 32, 2 threads.
+The VM has 2 cores, so XLA:CPU also uses 2 threads.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from fgjax import models  # noqa: E402
+from fgjax.models import inference  # noqa: E402
+
+
+def timeit(fn, repeats: int, min_time: float = 1.0) -> float:
+  """Median seconds per call after 2 warm-up calls."""
+  fn()
+  fn()
+  times = []
+  start = time.perf_counter()
+  while len(times) < repeats or time.perf_counter() - start < min_time:
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+    if len(times) >= 200:
+      break
+  return float(np.median(times))
+
+
+def torch_model(name: str):
+  import torch  # pylint: disable=g-import-not-at-top
+  if name == "efficientnet_lite0":
+    import efficientnet_lite_pytorch  # pylint: disable=g-import-not-at-top
+    from fgjax.models import efficientnet_lite  # pylint: disable=g-import-not-at-top
+    net = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(efficientnet_lite.default_weights_path(),
+                                   map_location="cpu", weights_only=True))
+  else:
+    import torchvision  # pylint: disable=g-import-not-at-top
+    net = torchvision.models.squeezenet1_1(weights=None)
+  return net.eval()
+
+
+def bench_model(name: str, batches, repeats: int, rows: list):
+  import torch  # pylint: disable=g-import-not-at-top
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(2)
+  spec = models.get(name, pretrained=(name == "efficientnet_lite0"), include_top=True)
+  net = torch_model(name)
+  if name != "efficientnet_lite0":  # Same random weights in both frameworks.
+    with tempfile.TemporaryDirectory() as d:
+      torch.save(net.state_dict(), os.path.join(d, "w.pth"))
+      spec = models.get(name, pretrained=True, include_top=True,
+                        weights_path=os.path.join(d, "w.pth"))
+  for bs in batches:
+    x = np.random.default_rng(0).normal(size=(bs, 224, 224, 3)).astype(np.float32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    predict = inference.make_cpu_predictor(spec, batch_size=bs)
+    plain = jax.jit(lambda v, x: spec.module.apply(v, x, train=False))
+    xj = jnp.asarray(x)
+    with torch.no_grad():
+      ref = net(xt).numpy()
+    err = np.abs(predict(x) - ref).max() / np.abs(ref).max()
+    results = {
+        "fgjax make_cpu_predictor": timeit(lambda: predict(x), repeats),
+        "fgjax plain jit (BN, auto depthwise)":
+            timeit(lambda: plain(spec.variables, xj).block_until_ready(), repeats),
+    }
+    with torch.no_grad():
+      results["PyTorch eager"] = timeit(lambda: net(xt), repeats)
+      net_cl = net.to(memory_format=torch.channels_last)
+      xt_cl = xt.contiguous(memory_format=torch.channels_last)
+      results["PyTorch eager channels_last"] = timeit(lambda: net_cl(xt_cl), repeats)
+      net.to(memory_format=torch.contiguous_format)
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, "m.onnx")
+      torch.onnx.export(net, (xt,), path, input_names=["x"], output_names=["y"],
+                        dynamo=False)
+      opts = ort.SessionOptions()
+      opts.intra_op_num_threads = 2
+      opts.inter_op_num_threads = 1
+      sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+      x_nchw = xt.numpy()
+      results["ONNX Runtime"] = timeit(lambda: sess.run(None, {"x": x_nchw}), repeats)
+    for k, v in results.items():
+      rows.append((name, bs, k, v * 1e3, bs / v))
+      print(f"# {name} bs={bs} {k}: {v * 1e3:.2f} ms", flush=True)
+    print(f"# {name} batch {bs}: fgjax predictor max rel err vs torch {err:.2e}",
+          flush=True)
+
+
+def bench_train(name: str, bs: int, repeats: int, rows: list):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(2)
+  spec = models.get(name)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(bs, 224, 224, 3)), jnp.float32)
+
+  @jax.jit
+  def step(variables, x):
+    def loss(params):
+      out, upd = spec.module.apply({**variables, "params": params}, x, train=True,
+                                   mutable=["batch_stats"])
+      return jnp.mean(out ** 2), upd
+    (l, upd), g = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    params = jax.tree.map(lambda p, g: p - 1e-3 * g, variables["params"], g)
+    return {"params": params, **upd}, l
+
+  state = {"v": spec.variables}
+
+  def run_jax():
+    state["v"], l = step(state["v"], x)
+    l.block_until_ready()
+
+  net = torch_model(name).train()
+  opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+  xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+  def run_torch():
+    opt.zero_grad()
+    feats = net.extract_features(xt) if hasattr(net, "extract_features") else \
+        net.features(xt)
+    loss = feats.mean((2, 3)).pow(2).mean()
+    loss.backward()
+    opt.step()
+
+  rows.append((name, bs, "train step fgjax jit", timeit(run_jax, repeats) * 1e3,
+               bs / timeit(run_jax, 3)))
+  t = timeit(run_torch, repeats)
+  rows.append((name, bs, "train step PyTorch eager", t * 1e3, bs / t))
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--models", default="efficientnet_lite0,squeezenet1_1")
+  parser.add_argument("--batches", default="1,32")
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--no-train", action="store_true")
+  args = parser.parse_args()
+  print("# uptime:", subprocess.run(["uptime"], capture_output=True, text=True)
+        .stdout.strip())
+  rows = []
+  for name in args.models.split(","):
+    bench_model(name, [int(b) for b in args.batches.split(",")], args.repeats, rows)
+  if not args.no_train:
+    bench_train("efficientnet_lite0", 32, 3, rows)
+  print("| model | batch | engine | ms / batch | images / s |")
+  print("|---|---|---|---|---|")
+  for name, bs, k, ms, ips in rows:
+    print(f"| {name} | {bs} | {k} | {ms:.1f} | {ips:.1f} |")
+  print("# uptime:", subprocess.run(["uptime"], capture_output=True, text=True)
+        .stdout.strip())
+
+
+if __name__ == "__main__":
+  main()
