@@ -58,6 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.impostors.sigma = 0.2             # kernel width used in the training loss, eq. (2)
   c.impostors.attachment_weight = 1.0  # lambda of eq. (6), loose scheme
   c.impostors.reset_every_epochs = 10  # tied scheme
+  # Product-quantised impostors: bytes (= subspaces of 8-bit codes) per impostor, 0 off.
+  # 'fixed' trains against the compressed impostors (paper); other schemes compress
+  # after training.
+  c.impostors.pq_bytes = 0
+  c.impostors.pq_opq = True
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgjax import impostors as impostors_lib
+from fgjax import quantize
 from fgjax.models import heads
 
 FORMAT_VERSION = 1
@@ -29,8 +30,12 @@ FORMAT_VERSION = 1
 
 def export(path: str, *, config, class_names: list[str], variables: dict[str, Any],
            impostors: Optional[impostors_lib.ImpostorSet], sigma: float, spec,
-           scheme) -> str:
-  """Writes the artifact directory `path`; returns it."""
+           scheme, quantized: tuple[Any, Any] = (None, None)) -> str:
+  """Writes the artifact directory `path`; returns it.
+
+  `quantized` = (ProductQuantizer, codes) stores PQ codes + codebooks instead of the
+  float impostors; the loaded model then classifies with ADC distances.
+  """
   os.makedirs(path, exist_ok=True)
   meta = {
       "format_version": FORMAT_VERSION, "backbone": config.model.backbone,
@@ -50,7 +55,13 @@ def export(path: str, *, config, class_names: list[str], variables: dict[str, An
   host = jax.tree.map(np.asarray, jax.device_get(variables))
   with open(os.path.join(path, "variables.msgpack"), "wb") as f:
     f.write(flax.serialization.to_bytes(host))
-  if impostors is not None:
+  pq, codes = quantized
+  if impostors is not None and pq is not None:
+    np.savez(os.path.join(path, "impostors.npz"), codes=np.asarray(codes, np.uint8),
+             codebooks=np.asarray(pq.codebooks, np.float32),
+             rotation=np.asarray(pq.rotation, np.float32),
+             labels=np.asarray(impostors.labels, np.int32))
+  elif impostors is not None:
     np.savez(os.path.join(path, "impostors.npz"),
              centers=np.asarray(impostors.centers, np.float32),
              labels=np.asarray(impostors.labels, np.int32))
@@ -82,11 +93,16 @@ class Model:
     target = jax.tree.map(np.asarray, dict(target))
     with open(os.path.join(path, "variables.msgpack"), "rb") as f:
       self.variables = flax.serialization.from_bytes(target, f.read())
-    self.impostors = None
+    self.impostors, self.pq, self.codes = None, None, None
     imp_path = os.path.join(path, "impostors.npz")
     if os.path.exists(imp_path):
       z = np.load(imp_path)
-      self.impostors = impostors_lib.ImpostorSet(z["centers"], z["labels"])
+      if "codes" in z:
+        self.pq = quantize.ProductQuantizer(z["codebooks"], z["rotation"])
+        self.codes = z["codes"]
+        self.impostors = impostors_lib.ImpostorSet(None, z["labels"])
+      else:
+        self.impostors = impostors_lib.ImpostorSet(z["centers"], z["labels"])
     self.sigma = float(self.meta["sigma"])
     self.mean = np.asarray(self.meta["mean"], np.float32)
     self.std = np.asarray(self.meta["std"], np.float32)
@@ -98,6 +114,10 @@ class Model:
     Impostor networks: the RBF rule, eq. (3), over all impostors; ConvNets: softmax.
     """
     out = self._forward(self.variables, jnp.asarray(images, jnp.float32))
+    if self.pq is not None:  # Eq. (3) on ADC distances: no impostor is decoded.
+      sq = quantize.adc_squared_distances(self.pq, out["embedding"], self.codes)
+      return np.asarray(quantize.rbf_log_probs_from_sq_distances(
+          sq, self.impostors.labels, self.sigma, len(self.class_names)))
     if self.impostors is not None:
       return np.asarray(impostors_lib.rbf_log_probs(
           out["embedding"], self.impostors, self.sigma,

@@ -69,6 +69,15 @@ def validate(config: Any) -> None:
   if config.eval.search not in SEARCH_BACKENDS:
     raise ValueError(f"config.eval.search={config.eval.search!r} is unknown; use one of "
                      f"{', '.join(SEARCH_BACKENDS)}.")
+  pq_bytes = int(config.impostors.get("pq_bytes", 0))
+  if pq_bytes:
+    if config.scheme in ("ce", "ce_extra"):
+      raise ValueError(f"config.impostors.pq_bytes={pq_bytes} needs an impostor scheme "
+                       f"(tied, fixed, loose), not config.scheme={config.scheme!r}.")
+    if pq_bytes < 0 or config.model.embed_dim % pq_bytes:
+      raise ValueError(f"config.impostors.pq_bytes={pq_bytes} must divide "
+                       f"config.model.embed_dim={config.model.embed_dim} "
+                       "(one 8-bit code per sub-vector).")
   if config.train.cache_features and parse_trainable(config.model.trainable)[0] != "head":
     raise ValueError("config.train.cache_features=True needs config.model.trainable="
                      "'head' (cached backbone features are only valid while the "

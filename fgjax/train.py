@@ -34,6 +34,7 @@ from fgjax import metric_writer
 from fgjax import models
 from fgjax import optim
 from fgjax import parallel
+from fgjax import quantize
 from fgjax import schemes
 from fgjax.models import heads
 
@@ -126,7 +127,7 @@ def make_update_fn(net: heads.ImpostorNet, scheme: schemes.Scheme,
     if scheme.uses_impostors:
       params["impostors"] = impostors_lib.ImpostorSet(trainable["centers"],
                                                       labels_of_impostors)
-    new_state = {"step": state["step"] + 1, "params": params,
+    new_state = {**state, "step": state["step"] + 1, "params": params,
                  "batch_stats": new_stats, "opt_state": opt_state}
     return new_state, metrics
 
@@ -220,20 +221,42 @@ class Trainer:
         embed = {k: v / scale for k, v in embed.items()}
         net[heads.EMBED_LAYER] = embed
         params["net"] = net
-        params["impostors"] = imps
         self.impostor_scale = float(scale)
+        if self.compress_before_training:
+          # Paper, "Impostors compression": compress the initial impostors with OPQ
+          # and train the fixed scheme against the decoded, lossy impostors.
+          pq = self.train_quantizer(imps.centers)
+          imps = imps._replace(centers=quantize.reconstruct(pq, imps.centers))
+        params["impostors"] = imps
       else:  # Shapes only: a checkpoint restore fills the values.
         m, e = len(self.splits.train), self.scheme.embed_dim
         params["impostors"] = impostors_lib.ImpostorSet(
             jnp.zeros((m, e), jnp.float32), jnp.zeros((m,), jnp.int32))
+        if self.compress_before_training:
+          nsub = int(self.config.impostors.pq_bytes)
+          pq = quantize.ProductQuantizer(
+              jnp.zeros((nsub, 256, e // nsub), jnp.float32), jnp.zeros((e, e), jnp.float32))
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "batch_stats": variables.get("batch_stats", {})}
+    if self.compress_before_training:
+      # A plain dict: orbax restores it into the same structure it saved.
+      state["pq"] = pq._asdict()
     labels = optim.trainable_labels(trainable_tree(state),
                                     train_impostors=self.scheme.train_impostors,
                                     frozen_backbone_stages=self.frozen)
     self.tx = optim.make_optimizer(self.config, labels, self.total_steps)
     state["opt_state"] = self.tx.init(trainable_tree(state))
     return parallel.replicate(state, self.mesh)
+
+  @property
+  def compress_before_training(self) -> bool:
+    return bool(self.config.impostors.pq_bytes) and self.scheme.name == "fixed"
+
+  def train_quantizer(self, centers) -> quantize.ProductQuantizer:
+    """OPQ (or PQ) codebooks with `pq_bytes` one-byte codes per impostor."""
+    c = self.config.impostors
+    fn = quantize.train_opq if c.pq_opq else quantize.train_pq
+    return fn(jnp.asarray(centers), int(c.pq_bytes), seed=self.config.seed)
 
   def reset_impostors(self, state: State) -> State:
     """Tied scheme: impostors := current embeddings of the training images (eq. 5)."""
@@ -348,7 +371,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         class_names=list(trainer.splits.class_names),
         variables={"params": state["params"]["net"], "batch_stats": state["batch_stats"]},
         impostors=None if imps is None else parallel.to_host(imps),
-        sigma=results["sigma"], spec=trainer.spec, scheme=trainer.scheme)
+        sigma=results["sigma"], spec=trainer.spec, scheme=trainer.scheme,
+        quantized=trainer.eval_quantizer)
   writer.write_scalars(step, _flat_scalars(results))
   writer.close()
   manager.close()
@@ -360,13 +384,32 @@ def evaluate_state(trainer: Trainer, state: State) -> dict[str, Any]:
   config = trainer.config
   variables = {"params": state["params"]["net"], "batch_stats": state["batch_stats"]}
   imps = state["params"]["impostors"]
+  results: dict[str, Any] = {"splits": {}}
+  memory = {"network_params_bytes": int(sum(
+      x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]["net"])))}
+  pq, codes = None, None
   if imps is not None:
     imps = impostors_lib.ImpostorSet(np.asarray(imps.centers), np.asarray(imps.labels))
+    memory["impostors_float32_bytes"] = int(imps.centers.size * 4)
+    if config.impostors.pq_bytes:
+      # Fixed: the quantizer trained before training; other schemes: compress the
+      # final impostors after training (deployment only).
+      if "pq" in state:
+        pq = quantize.ProductQuantizer(**state["pq"])
+      else:
+        pq = trainer.train_quantizer(imps.centers)
+      pq = quantize.ProductQuantizer(*(np.asarray(x) for x in pq))
+      codes = np.asarray(quantize.encode(pq, imps.centers))
+      imps = imps._replace(centers=np.asarray(quantize.decode(pq, codes)))
+      memory["pq"] = quantize.nbytes(pq, codes)
+      results["pq_applied"] = ("before training" if trainer.compress_before_training
+                               else "after training")
+  results["memory"] = memory
+  trainer.eval_quantizer = (pq, codes)
   splits = {"val": trainer.splits.val, "test": trainer.splits.test}
   outputs = {name: trainer.outputs(variables, src) for name, src in splits.items()
              if src is not None and len(src)}
   sigma = float(config.impostors.sigma)
-  results: dict[str, Any] = {"splits": {}}
   if imps is not None:
     grid = list(config.eval.sigma_grid) or [sigma]
     selection_split = "val" if "val" in outputs else None

@@ -183,3 +183,26 @@ def test_batch_not_divisible_by_devices(tmp_path):
   config = small_config(num_devices=4, **{"train.batch_size": 30})
   with pytest.raises(ValueError, match=r"config\.train\.batch_size"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_fixed_trains_against_pq_compressed_impostors(tmp_path):
+  from fgjax import artifact, quantize
+  config = small_config("fixed", steps=4, **{"impostors.pq_bytes": 8})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results["pq_applied"] == "before training"
+  assert results["memory"]["pq"]["codes"] == 1078 * 8
+  _, state = final_state(tmp_path, config)
+  pq = quantize.ProductQuantizer(**{k: np.asarray(v) for k, v in state["pq"].items()})
+  centers = np.asarray(state["params"]["impostors"].centers)
+  # The frozen impostors are already points of the codebook: re-quantising is exact.
+  np.testing.assert_allclose(np.asarray(quantize.reconstruct(pq, centers)), centers,
+                             atol=1e-5)
+  model = artifact.Model(str(tmp_path / "artifact"))
+  assert model.codes.shape == (1078, 8) and model.codes.dtype == np.uint8
+  images = np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype(np.float32)
+  adc = model.log_probs(images)
+  emb = model._forward(model.variables, images)["embedding"]
+  from fgjax import impostors
+  exact = impostors.rbf_log_probs(emb, impostors.ImpostorSet(centers, model.impostors.labels),
+                                  model.sigma, num_classes=10)
+  np.testing.assert_allclose(np.exp(adc), np.exp(np.asarray(exact)), atol=1e-4)
