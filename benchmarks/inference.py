@@ -75,8 +75,14 @@ def bench_model(name: str, batches, repeats: int, rows: list):
     with torch.no_grad():
       ref = net(xt).numpy()
     err = np.abs(predict(x) - ref).max() / np.abs(ref).max()
+    onnx_predict = inference.make_onnx_predictor(spec, batch_size=bs)
+    err_onnx = np.abs(onnx_predict(x) - ref).max() / np.abs(ref).max()
+    print(f"# {name} batch {bs}: fgjax ONNX predictor max rel err vs torch "
+          f"{err_onnx:.2e}", flush=True)
     results = {
-        "fgjax make_cpu_predictor": timeit(lambda: predict(x), repeats),
+        "fgjax make_onnx_predictor (onnxruntime)":
+            timeit(lambda: onnx_predict(x), repeats),
+        "fgjax make_cpu_predictor (XLA)": timeit(lambda: predict(x), repeats),
         "fgjax plain jit (BN, auto depthwise)":
             timeit(lambda: plain(spec.variables, xj).block_until_ready(), repeats),
     }

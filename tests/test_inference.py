@@ -47,3 +47,16 @@ def test_predictor_input_errors():
     inference.make_cpu_predictor(spec, batch_size=0)
   with pytest.raises(ValueError, match="variables"):
     inference.make_cpu_predictor(spec.module)
+
+
+@pytest.mark.parametrize("name,pretrained,top", [("efficientnet_lite0", True, True),
+                                                 ("squeezenet1_1", False, False)])
+def test_onnx_predictor_matches_module(name, pretrained, top):
+  pytest.importorskip("onnx", reason="ONNX export needs the onnx package")
+  pytest.importorskip("onnxruntime", reason="ONNX predictor needs onnxruntime")
+  spec = models.get(name, pretrained=pretrained, include_top=top)
+  x = np.random.default_rng(0).normal(size=(3, 48, 48, 3)).astype(np.float32)
+  want = jax.jit(lambda v, x: spec.module.apply(v, x, train=False))(spec.variables, x)
+  got = inference.make_onnx_predictor(spec, batch_size=2)(x)
+  assert got.shape == np.shape(want)
+  _assert_close(got, want)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -100,6 +101,203 @@ def make_cpu_predictor(spec_or_module: Any, variables: Optional[dict[str, Any]] 
         chunk = np.concatenate([chunk, pad])
       out = forward(variables, jax.device_put(chunk, device))
       outs.append(np.asarray(out)[:min(batch_size, n - start)])
+    if not outs:
+      raise ValueError("predict got an empty batch.")
+    return np.concatenate(outs)
+
+  return predict
+
+
+# ------------------------------------------------------------- ONNX Runtime export
+
+# Logical NHWC axis -> axis of the NCHW tensor ONNX stores for 4-D values.
+_NHWC_TO_NCHW_AXIS = (0, 2, 3, 1)
+
+
+def to_onnx(module: nn.Module, variables: dict[str, Any],
+            input_shape: tuple[int, int, int, int]) -> Any:
+  """Exports `module.apply(variables, x, train=False)` to an onnx.ModelProto.
+
+  The jaxpr of the (BN-folded) forward is translated primitive by primitive; every 4-D
+  value is stored NCHW on the ONNX side (one Transpose at the input), so convolutions and
+  pooling map to ONNX Conv / MaxPool directly. Supports the primitives the registry
+  backbones use in eval mode (conv, elementwise add/max/min/div, broadcast of constants,
+  reduce_sum, reduce_window_max, concatenate, dot_general); anything else raises
+  NotImplementedError naming the primitive.
+
+  Args:
+    module: flax module; variables: its variables (closed over as initializers).
+    input_shape: static (N, H, W, 3) input shape.
+  """
+  import onnx  # pylint: disable=g-import-not-at-top
+  from onnx import helper, numpy_helper  # pylint: disable=g-import-not-at-top
+
+  closed = jax.make_jaxpr(lambda x: module.apply(variables, x, train=False))(
+      jax.ShapeDtypeStruct(input_shape, jnp.float32))
+  nodes, inits = [], []
+  env: dict[Any, Any] = {}  # jaxpr var -> ONNX name, or np.ndarray for constants
+  counter = [0]
+
+  def fresh(prefix="t"):
+    counter[0] += 1
+    return f"{prefix}{counter[0]}"
+
+  def const_name(value: np.ndarray) -> str:
+    name = fresh("c")
+    inits.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+  def read(atom):
+    if isinstance(atom, jax_core.Literal):
+      return np.asarray(atom.val, np.float32)
+    return env[atom]
+
+  def name_of(atom):
+    v = read(atom)
+    return const_name(v) if isinstance(v, np.ndarray) else v
+
+  def to_physical(value: np.ndarray) -> np.ndarray:
+    return np.transpose(value, (0, 3, 1, 2)) if value.ndim == 4 else value
+
+  def node(op, inputs, **attrs):
+    out = fresh()
+    nodes.append(helper.make_node(op, inputs, [out], **attrs))
+    return out
+
+  def run(jaxpr, args):
+    for var, val in zip(jaxpr.invars, args):
+      env[var] = val
+    for eqn in jaxpr.eqns:
+      prim, p = eqn.primitive.name, eqn.params
+      ins = eqn.invars
+      if prim in ("jit", "pjit", "custom_jvp_call", "custom_vjp_call"):
+        sub = p.get("jaxpr", p.get("call_jaxpr"))
+        sub = getattr(sub, "jaxpr", sub)
+        consts = getattr(p.get("jaxpr", p.get("call_jaxpr")), "consts", [])
+        for cv, c in zip(sub.constvars, consts):
+          env[cv] = np.asarray(c)
+        outs = run(sub, [read(a) for a in ins])
+        for var, val in zip(eqn.outvars, outs):
+          env[var] = val
+        continue
+      args_ = [read(a) for a in ins]
+      if all(isinstance(a, np.ndarray) for a in args_) and prim != "conv_general_dilated":
+        # Constant folding on the host (logical layout), e.g. bias broadcasts.
+        out = eqn.primitive.bind(*[jnp.asarray(a) for a in args_], **p)
+        env[eqn.outvars[0]] = np.asarray(out)
+        continue
+      if prim == "convert_element_type":
+        env[eqn.outvars[0]] = args_[0]
+      elif prim == "broadcast_in_dim":
+        raise NotImplementedError("broadcast_in_dim of a non-constant value")
+      elif prim in ("add", "max", "min", "div", "mul", "sub"):
+        op = {"add": "Add", "max": "Max", "min": "Min", "div": "Div", "mul": "Mul",
+              "sub": "Sub"}[prim]
+        names = [const_name(to_physical(a).astype(np.float32))
+                 if isinstance(a, np.ndarray) else a for a in args_]
+        env[eqn.outvars[0]] = node(op, names)
+      elif prim == "conv_general_dilated":
+        dn = p["dimension_numbers"]
+        if (tuple(dn.lhs_spec), tuple(dn.rhs_spec)) != ((0, 3, 1, 2), (3, 2, 0, 1)):
+          raise NotImplementedError(f"conv layout {dn}")
+        if any(d != 1 for d in tuple(p["lhs_dilation"]) + tuple(p["rhs_dilation"])):
+          raise NotImplementedError("dilated conv")
+        kernel = np.transpose(np.asarray(args_[1]), (3, 2, 0, 1))  # HWIO -> OIHW
+        (t, b), (l, r) = p["padding"]
+        env[eqn.outvars[0]] = node(
+            "Conv", [args_[0], const_name(kernel)], group=int(p["feature_group_count"]),
+            strides=list(p["window_strides"]), pads=[t, l, b, r],
+            kernel_shape=list(kernel.shape[2:]))
+      elif prim == "reduce_sum":
+        axes = [_NHWC_TO_NCHW_AXIS[a] for a in p["axes"]] if ins[0].aval.ndim == 4 \
+            else list(p["axes"])
+        env[eqn.outvars[0]] = node("ReduceSum", [args_[0], const_name(
+            np.asarray(axes, np.int64))], keepdims=0)
+      elif prim == "reduce_window_max":
+        win, strides, pads = p["window_dimensions"], p["window_strides"], p["padding"]
+        if win[0] != 1 or win[3] != 1 or any(d != 1 for d in p["base_dilation"]):
+          raise NotImplementedError("reduce_window_max over batch/channels")
+        env[eqn.outvars[0]] = node(
+            "MaxPool", [args_[0]], kernel_shape=list(win[1:3]),
+            strides=list(strides[1:3]),
+            pads=[pads[1][0], pads[2][0], pads[1][1], pads[2][1]])
+      elif prim == "concatenate":
+        axis = p["dimension"]
+        if eqn.outvars[0].aval.ndim == 4:
+          axis = _NHWC_TO_NCHW_AXIS[axis]
+        env[eqn.outvars[0]] = node("Concat", [name_of(a) for a in ins], axis=axis)
+      elif prim == "dot_general":
+        (lc, rc), (lb, rb) = p["dimension_numbers"]
+        if tuple(lc) != (1,) or tuple(rc) != (0,) or lb or rb or ins[0].aval.ndim != 2:
+          raise NotImplementedError(f"dot_general {p['dimension_numbers']}")
+        env[eqn.outvars[0]] = node("MatMul", [args_[0], name_of(ins[1])])
+      else:
+        raise NotImplementedError(f"ONNX export: primitive '{prim}' is not supported.")
+    return [read(v) for v in jaxpr.outvars]
+
+  for cv, c in zip(closed.jaxpr.constvars, closed.consts):
+    env[cv] = np.asarray(c)
+  x_nchw = node("Transpose", ["images"], perm=[0, 3, 1, 2])
+  outs = run(closed.jaxpr, [x_nchw])
+  out_vals = []
+  for i, (var, val) in enumerate(zip(closed.jaxpr.outvars, outs)):
+    name = f"output{i}"
+    if var.aval.ndim == 4:
+      nodes.append(helper.make_node("Transpose", [val], [name], perm=[0, 2, 3, 1]))
+    else:
+      nodes.append(helper.make_node("Identity", [val], [name]))
+    out_vals.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
+                                                  list(var.aval.shape)))
+  graph = helper.make_graph(
+      nodes, "fgjax", [helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT,
+                                                     list(input_shape))],
+      out_vals, inits)
+  return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def make_onnx_predictor(spec_or_module: Any, variables: Optional[dict[str, Any]] = None,
+                        batch_size: int = 32, *, bn_epsilon: Optional[float] = None,
+                        threads: int = 2) -> Callable[[Any], np.ndarray]:
+  """Like make_cpu_predictor, but runs an ONNX export of the network in onnxruntime.
+
+  Optional dependency: `onnx` and `onnxruntime`. The export is built per input spatial
+  size on first use.
+  """
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+  module = getattr(spec_or_module, "module", spec_or_module)
+  variables = variables or spec_or_module.variables
+  if bn_epsilon is None:
+    bn_epsilon = getattr(spec_or_module, "bn_epsilon", None)
+  module, variables = fold(module, variables, bn_epsilon)
+  module = module.clone(depthwise_impl="lax")  # ONNX Conv(group=C)
+  sessions = {}
+
+  def session(hw):
+    if hw not in sessions:
+      model = to_onnx(module, variables, (batch_size,) + hw + (3,))
+      opts = ort.SessionOptions()
+      opts.intra_op_num_threads = threads
+      opts.inter_op_num_threads = 1
+      sessions[hw] = ort.InferenceSession(model.SerializeToString(), opts,
+                                          providers=["CPUExecutionProvider"])
+    return sessions[hw]
+
+  def predict(images: Any) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"predict expects (N, H, W, 3) images, got {images.shape}.")
+    if not np.issubdtype(images.dtype, np.floating):
+      raise TypeError(f"predict expects normalised float images, got {images.dtype}.")
+    images = images.astype(np.float32, copy=False)
+    sess = session(images.shape[1:3])
+    outs = []
+    for start in range(0, images.shape[0], batch_size):
+      chunk = images[start:start + batch_size]
+      n = chunk.shape[0]
+      if n < batch_size:
+        chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:],
+                                                np.float32)])
+      outs.append(sess.run(None, {"images": chunk})[0][:n])
     if not outs:
       raise ValueError("predict got an empty batch.")
     return np.concatenate(outs)
