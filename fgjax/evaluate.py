@@ -125,7 +125,5 @@ def classify_split(outputs: dict[str, np.ndarray], *,
 
 
 def entropy(log_probs: np.ndarray) -> np.ndarray:
-  """Natural-log entropy of each row of (N, C) log-probabilities."""
-  log_probs = np.asarray(log_probs, np.float64)
-  p = np.exp(log_probs)
-  return -np.sum(np.where(p > 0, p * log_probs, 0.0), axis=1)
+  """Natural-log entropy of each row of (N, C) log-probabilities, as NumPy."""
+  return np.asarray(impostors_lib.entropy_from_log_probs(jnp.asarray(log_probs)))

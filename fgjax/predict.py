@@ -19,6 +19,7 @@ from absl import flags
 import numpy as np
 
 from fgjax import artifact
+from fgjax import evaluate
 from fgjax.data import transforms
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -63,7 +64,7 @@ def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
     log_probs = model.log_probs(images)
     for (i, _), lp in zip(pending, log_probs):
       probs = np.exp(lp.astype(np.float64))
-      entropy = float(-np.sum(np.where(probs > 0, probs * lp, 0.0)))
+      entropy = float(evaluate.entropy(lp[None])[0])
       order = np.argsort(-probs, kind="stable")[:topk]
       results[i] = {
           "path": paths[i],

@@ -424,9 +424,38 @@ def evaluate_state(trainer: Trainer, state: State) -> dict[str, Any]:
     results["splits"][name] = evaluate.classify_split(
         out, impostors=imps, sigma=sigma, num_classes=trainer.num_classes,
         search=config.eval.search, k=int(config.eval.k))
+  if trainer.splits.unknown is not None and "test" in outputs:
+    results["openset"] = _openset(trainer, variables, imps, sigma, outputs["test"])
   results["num_classes"] = trainer.num_classes
   results["num_impostors"] = None if imps is None else int(imps.centers.shape[0])
   return results
+
+
+def _openset(trainer: Trainer, variables, imps, sigma: float,
+             known: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Paper 4.2: entropy of known-class test images vs images of held-out classes."""
+  from fgjax import openset  # matplotlib is only needed for the histogram.
+  unknown = trainer.outputs(variables, trainer.splits.unknown)
+
+  def log_probs(out):
+    if imps is not None:
+      return evaluate.rbf_log_probs(out["embedding"], imps, sigma, trainer.num_classes)
+    return np.asarray(jax.nn.log_softmax(jnp.asarray(out["logits"]), axis=-1))
+
+  h_known = evaluate.entropy(log_probs(known))
+  h_unknown = evaluate.entropy(log_probs(unknown))
+  report = openset.openset_report(h_known, h_unknown)
+  report["classifier"] = "rbf" if imps is not None else "softmax"
+  if jax.process_index() == 0:
+    np.savez(os.path.join(trainer.workdir, "openset_entropy.npz"), known=h_known,
+             unknown=h_unknown)
+    try:
+      report["histogram"] = openset.save_entropy_histogram(
+          os.path.join(trainer.workdir, "openset_entropy.png"), h_known, h_unknown,
+          title=f"{trainer.scheme.name} ({report['classifier']})")
+    except ImportError as e:  # The numbers stay; only the picture needs matplotlib.
+      report["histogram"] = f"not drawn: {e}"
+  return report
 
 
 def _flat_scalars(results: dict[str, Any]) -> dict[str, float]:

@@ -206,3 +206,17 @@ def test_fixed_trains_against_pq_compressed_impostors(tmp_path):
   exact = impostors.rbf_log_probs(emb, impostors.ImpostorSet(centers, model.impostors.labels),
                                   model.sigma, num_classes=10)
   np.testing.assert_allclose(np.exp(adc), np.exp(np.asarray(exact)), atol=1e-4)
+
+
+def test_openset_report_with_holdout_classes(tmp_path):
+  config = small_config("fixed", steps=10, **{"data.holdout_classes": (8, 9)})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  report = results["openset"]
+  assert results["num_classes"] == 8
+  assert report["num_unknown"] > 50 and report["num_known"] > 200
+  assert 0.0 <= report["ks"] <= 1.0 and 0.0 <= report["auroc"] <= 1.0
+  saved = np.load(tmp_path / "openset_entropy.npz")
+  assert len(saved["unknown"]) == report["num_unknown"]
+  # Entropies live in [0, log C].
+  assert saved["known"].min() >= -1e-6 and saved["known"].max() <= np.log(8) + 1e-6
+  assert (tmp_path / "openset_entropy.png").stat().st_size > 1000
