@@ -198,14 +198,26 @@ class Trainer:
                                     self._iterator(source, train=False), self.mesh)
 
   # ---- state ------------------------------------------------------------------------
-  def _impostors_from(self, variables) -> tuple[impostors_lib.ImpostorSet, np.ndarray]:
+  def _impostors_from(self, variables) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of every training image, ordered by index (protocol step 2)."""
+    if self.from_features:  # Frozen backbone: only the heads need to run.
+      features, labels = self.train_features()
+      emb = np.asarray(self._heads(variables, jnp.asarray(features))["embedding"])
+      return emb, labels
     out = self.outputs(variables, self.splits.train)
     m = len(self.splits.train)
     order = np.argsort(out["index"])
     if not np.array_equal(out["index"][order], np.arange(m)):
       raise RuntimeError("impostor pass did not see every training image exactly once.")
     return out["embedding"][order], out["label"][order]
+
+  def train_features(self) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone features (M, F) and labels of the training images, computed once."""
+    if getattr(self, "_train_features", None) is None:
+      out = self.outputs(self._variables0, self.splits.train)
+      order = np.argsort(out["index"])
+      self._train_features = (out["features"][order], out["label"][order])
+    return self._train_features
 
   def initial_state(self, with_impostors: bool) -> State:
     variables = self._variables0
@@ -269,12 +281,8 @@ class Trainer:
 
   # ---- feature cache (head-only training on a CPU budget) -----------------------------
   def _cached_feature_batches(self, start_step: int) -> Iterator[dict]:
-    feats = self.outputs(self._variables0, self.splits.train)
-    order = np.argsort(feats["index"])
-    features = feats["features"][order] if "features" in feats else None
-    if features is None:
-      raise RuntimeError("forward pass returned no features")
-    labels = feats["label"][order]
+    """Training batches of cached features in a seeded per-epoch order (resumable)."""
+    features, labels = self.train_features()
     bs, m = self.config.train.batch_size, len(labels)
     step = start_step
     while True:
