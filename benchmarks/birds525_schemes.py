@@ -30,6 +30,10 @@ _LR = flags.DEFINE_float("lr", 1e-3, "Learning rate (chosen on val).")
 _SIGMA = flags.DEFINE_float("sigma", 0.2, "Training sigma of the NCA loss.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Crop side.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size.")
+_PQ = flags.DEFINE_integer("pq_bytes", 0, "OPQ bytes per impostor (0: uncompressed).")
+_HOLDOUT = flags.DEFINE_integer(
+    "holdout_every", 0, "Open set: hold out every n-th class (0: none) as unknown.")
+_TAG = flags.DEFINE_string("tag", "", "Suffix of the run directories.")
 
 
 def config_for(scheme: str):
@@ -44,6 +48,9 @@ def config_for(scheme: str):
   c.impostors.sigma = _SIGMA.value
   c.input.image_size = _IMAGE_SIZE.value
   c.input.resize_size = max(_IMAGE_SIZE.value * 8 // 7, _IMAGE_SIZE.value)
+  c.impostors.pq_bytes = _PQ.value
+  if _HOLDOUT.value:
+    c.data.holdout_classes = tuple(range(0, 525, _HOLDOUT.value))
   return c
 
 
@@ -52,22 +59,30 @@ def main(argv):
   from fgjax import train
   rows = []
   for scheme in _SCHEMES.value:
-    workdir = os.path.join(_WORKDIR.value, f"{scheme}_{_DEPTH.value.replace(':', '')}")
+    workdir = os.path.join(_WORKDIR.value,
+                           f"{scheme}_{_DEPTH.value.replace(':', '')}{_TAG.value}")
     t0 = time.time()
     r = train.train_and_evaluate(config_for(scheme), workdir)
     head = "rbf" if "rbf" in r["splits"]["test"] else "softmax"
+    openset = r.get("openset", {})
     rows.append((scheme, head, r["splits"]["val"][head]["top1"],
                  r["splits"]["test"][head]["top1"], r["splits"]["test"][head]["top5"],
-                 r.get("sigma"), time.time() - t0))
+                 r.get("sigma"), time.time() - t0,
+                 f"{openset['ks']:.3f}" if openset else "-",
+                 f"{openset['auroc']:.3f}" if openset else "-"))
   print(f"\nbirds525, EfficientNet-Lite0, depth={_DEPTH.value}, epochs={_EPOCHS.value}, "
         f"lr={_LR.value}, train sigma={_SIGMA.value}, image {_IMAGE_SIZE.value}px, "
         f"{platform.node()} {time.strftime('%Y-%m-%d')}")
-  print("| scheme | classifier | val top-1 | test top-1 | test top-5 | sigma (val) | wall s |")
-  print("|---|---|---|---|---|---|---|")
-  for scheme, head, val, test, top5, sigma, wall in rows:
+  print(f"pq_bytes={_PQ.value}, holdout_every={_HOLDOUT.value}")
+  print("| scheme | classifier | val top-1 | test top-1 | test top-5 | sigma (val) | "
+        "open-set KS | open-set AUROC | wall s |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for scheme, head, val, test, top5, sigma, wall, ks, auc in rows:
     sig = f"{sigma:g}" if head == "rbf" else "-"
-    print(f"| {scheme} | {head} | {val:.3f} | {test:.3f} | {top5:.3f} | {sig} | {wall:.0f} |")
-  with open(os.path.join(_WORKDIR.value, f"summary_{_DEPTH.value.replace(':', '')}.json"),
+    print(f"| {scheme} | {head} | {val:.3f} | {test:.3f} | {top5:.3f} | {sig} | "
+          f"{ks} | {auc} | {wall:.0f} |")
+  with open(os.path.join(_WORKDIR.value,
+                         f"summary_{_DEPTH.value.replace(':', '')}{_TAG.value}.json"),
             "w") as f:
     json.dump(rows, f, indent=1)
 

@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   # The RBF rule's sigma is re-chosen on the validation split from this grid after
   # training (no extra forward passes); empty: use impostors.sigma.
-  c.eval.sigma_grid = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+  c.eval.sigma_grid = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0)
   c.eval.search = "exact"   # exact (all impostors) | exact_knn | scann
   c.eval.k = 64
   return c
