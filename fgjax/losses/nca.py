@@ -187,8 +187,8 @@ def _nca_forward(q, ql, c, cl, sigma, ex, chunk_size):
     # Each exp once: e_all and e_pos give both log-sum-exps and D = p - p+.
     m_all = _safe(jnp.max(jnp.where(keep, logits, -jnp.inf), axis=1))
     m_pos = _safe(jnp.max(jnp.where(pos, logits, -jnp.inf), axis=1))
-    e_all = jnp.where(keep, jnp.exp(jnp.minimum(logits - m_all[:, None], 0.0)), 0.0)
-    e_pos = jnp.where(pos, jnp.exp(jnp.minimum(logits - m_pos[:, None], 0.0)), 0.0)
+    e_all = jnp.where(keep, jnp.exp(logits - m_all[:, None]), 0.0)
+    e_pos = jnp.where(pos, jnp.exp(logits - m_pos[:, None]), 0.0)
     s_all, s_pos = jnp.sum(e_all, axis=1), jnp.sum(e_pos, axis=1)
     has_pos = s_pos > 0
     lse_all = jnp.log(s_all) + m_all
@@ -196,9 +196,9 @@ def _nca_forward(q, ql, c, cl, sigma, ex, chunk_size):
     inv_all = jnp.where(has_pos, 1.0 / jnp.where(has_pos, s_all, 1.0), 0.0)
     inv_pos = jnp.where(has_pos, 1.0 / jnp.where(has_pos, s_pos, 1.0), 0.0)
     d = e_all * inv_all[:, None] - e_pos * inv_pos[:, None]
-    # Row sums of D and D * a: all the backward pass needs besides D and two
-    # matmuls (the logits themselves are not kept).
-    residuals = (q, c, sigma, d, jnp.sum(d, axis=1), jnp.sum(d * logits, axis=1))
+    # Row sums of D * a: all the sigma-gradient needs (the logits are not
+    # kept). Rows of D sum to 0 (two distributions subtracted, or D = 0).
+    residuals = (q, c, sigma, d, jnp.sum(d * logits, axis=1))
     return _loss_from_lse(lse_all, lse_pos), residuals
 
   b = q.shape[0]
@@ -242,11 +242,11 @@ def _nca_bwd(chunk_size, res, g):
   #   da_ij/dq_i = 2s (c_j - q_i),  da_ij/dc_j = 2s (q_i - c_j),
   #   da_ij/dsigma = -(2 / sigma) a_ij.
   if chunk_size is None:
-    q, c, sigma, d, d_rows, d_dot_logits = res
+    q, c, sigma, d, d_dot_logits = res
     scale = 0.5 / jnp.square(sigma)
     # g scales rows of D: fold it into the (B, d) operands, not the (B, M) one.
-    gs = (2 * scale) * g
-    dq = gs[:, None] * (d @ c - d_rows[:, None] * q)
+    # The -sum_j D_ij q_i term of dq vanishes: rows of D sum to 0.
+    dq = ((2 * scale) * g)[:, None] * (d @ c)
     dc = 2 * scale * (d.T @ (g[:, None] * q) - (g @ d)[:, None] * c)
     dsigma = -(2.0 / sigma) * jnp.sum(g * d_dot_logits)
     return dq, None, dc, None, dsigma.astype(sigma.dtype), None
@@ -262,7 +262,7 @@ def _nca_bwd(chunk_size, res, g):
     logits, keep, pos = _block_terms(q, qq, ql, ex, c_blk, cc_blk, cl_blk, start,
                                      scale)
     dg = _prob_diff(logits, keep, pos, lse_all, lse_pos) * g[:, None]
-    dq_acc = dq_acc + dg @ c_blk - jnp.sum(dg, axis=1)[:, None] * q
+    dq_acc = dq_acc + dg @ c_blk  # sum_j D_ij q_i = 0 over all blocks
     ds_acc = ds_acc + jnp.sum(dg * logits)
     dc_blk = 2 * scale * (dg.T @ q - jnp.sum(dg, axis=0)[:, None] * c_blk)
     return (dq_acc, ds_acc), dc_blk
