@@ -24,12 +24,13 @@ def collect_outputs(forward: Callable[..., dict], variables: Any,
   """
   chunks: dict[str, list[np.ndarray]] = {}
   for batch in batches:
-    valid = np.asarray(batch["valid"], bool)
-    outputs = forward(variables, parallel.global_batch({"image": batch["image"]},
-                                                       mesh)["image"])
-    outputs = parallel.to_host(outputs)
-    rows = {**outputs, "label": batch["label"], "index": batch["index"]}
-    for k, v in rows.items():
+    # Every host feeds its slice; label/index/valid are gathered like the outputs so
+    # that rows line up on every host of a multi-host run.
+    g = parallel.global_batch(batch, mesh)
+    outputs = parallel.to_host(forward(variables, g["image"]))
+    meta = {k: parallel.gather(g[k]) for k in ("label", "index", "valid")}
+    valid = meta.pop("valid").astype(bool)
+    for k, v in {**outputs, **meta}.items():
       chunks.setdefault(k, []).append(np.asarray(v)[valid])
   if not chunks:
     raise ValueError("evaluation got no batches: is the split empty?")

@@ -54,3 +54,11 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def to_host(tree: Any) -> Any:
   """Fetches a (possibly sharded) pytree as NumPy arrays on this host."""
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """The full value of a batch-sharded array on every host, as NumPy."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
