@@ -60,3 +60,27 @@ def test_onnx_predictor_matches_module(name, pretrained, top):
   got = inference.make_onnx_predictor(spec, batch_size=2)(x)
   assert got.shape == np.shape(want)
   _assert_close(got, want)
+
+
+@pytest.mark.parametrize("name,activation,count", [("efficientnet_lite0", "Clip", 33),
+                                                   ("squeezenet1_1", "Relu", 26)])
+def test_onnx_export_emits_fusable_ops(name, activation, count):
+  # onnxruntime fuses Conv + activation only for Conv-with-bias followed by Relu / Clip.
+  onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package")
+  spec = models.get(name, include_top=True)
+  module, folded = inference.fold(spec.module, spec.variables, spec.bn_epsilon)
+  model = inference.to_onnx(module.clone(depthwise_impl="lax"), folded, (1, 32, 32, 3))
+  onnx.checker.check_model(model)
+  ops = [n.op_type for n in model.graph.node]
+  assert ops.count(activation) == count
+  assert not {"Max", "Min", "MatMul", "ReduceSum", "Div"} & set(ops)
+  convs = [n for n in model.graph.node if n.op_type == "Conv"]
+  assert convs and all(len(n.input) == 3 for n in convs)
+  assert ops.count("GlobalAveragePool") == 1 and ops.count("Gemm") == int(
+      name == "efficientnet_lite0")
+  # Only the residual adds of the inverted-bottleneck blocks stay Add (Lite0: 9).
+  assert ops.count("Add") == (9 if name == "efficientnet_lite0" else 0)
+  clip = next((n for n in model.graph.node if n.op_type == "Clip"), None)
+  if clip is not None:
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert (float(inits[clip.input[1]]), float(inits[clip.input[2]])) == (0.0, 6.0)
