@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -28,17 +29,30 @@ from fgjax.models import inference  # noqa: E402
 
 def timeit(fn, repeats: int, min_time: float = 1.0) -> float:
   """Median seconds per call after 2 warm-up calls."""
-  fn()
-  fn()
-  times = []
-  start = time.perf_counter()
-  while len(times) < repeats or time.perf_counter() - start < min_time:
-    t = time.perf_counter()
+  return timeit_interleaved({"f": fn}, repeats, min_time)["f"]
+
+
+def timeit_interleaved(fns: dict, repeats: int, min_time: float = 1.0) -> dict:
+  """Median seconds per call of each engine, timed round-robin after 2 warm-ups each.
+
+  Interleaving makes the engines share the same background load (the VM is shared), so
+  their ratios are meaningful even when the absolute numbers drift.
+  """
+  for fn in fns.values():
     fn()
-    times.append(time.perf_counter() - t)
-    if len(times) >= 200:
+    fn()
+  times = {k: [] for k in fns}
+  start = time.perf_counter()
+  rounds = 0
+  while rounds < repeats or time.perf_counter() - start < min_time * len(fns):
+    for k, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - t)
+    rounds += 1
+    if rounds >= 200:
       break
-  return float(np.median(times))
+  return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def torch_model(name: str):
@@ -79,19 +93,6 @@ def bench_model(name: str, batches, repeats: int, rows: list):
     err_onnx = np.abs(onnx_predict(x) - ref).max() / np.abs(ref).max()
     print(f"# {name} batch {bs}: fgjax ONNX predictor max rel err vs torch "
           f"{err_onnx:.2e}", flush=True)
-    results = {
-        "fgjax make_onnx_predictor (onnxruntime)":
-            timeit(lambda: onnx_predict(x), repeats),
-        "fgjax make_cpu_predictor (XLA)": timeit(lambda: predict(x), repeats),
-        "fgjax plain jit (BN, auto depthwise)":
-            timeit(lambda: plain(spec.variables, xj).block_until_ready(), repeats),
-    }
-    with torch.no_grad():
-      results["PyTorch eager"] = timeit(lambda: net(xt), repeats)
-      net_cl = net.to(memory_format=torch.channels_last)
-      xt_cl = xt.contiguous(memory_format=torch.channels_last)
-      results["PyTorch eager channels_last"] = timeit(lambda: net_cl(xt_cl), repeats)
-      net.to(memory_format=torch.contiguous_format)
     with tempfile.TemporaryDirectory() as d:
       path = os.path.join(d, "m.onnx")
       torch.onnx.export(net, (xt,), path, input_names=["x"], output_names=["y"],
@@ -99,9 +100,25 @@ def bench_model(name: str, batches, repeats: int, rows: list):
       opts = ort.SessionOptions()
       opts.intra_op_num_threads = 2
       opts.inter_op_num_threads = 1
+      opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
       sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-      x_nchw = xt.numpy()
-      results["ONNX Runtime"] = timeit(lambda: sess.run(None, {"x": x_nchw}), repeats)
+    x_nchw = xt.numpy()
+    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    xt_cl = xt.contiguous(memory_format=torch.channels_last)
+
+    def torch_eager(model, inp):
+      with torch.no_grad():
+        return model(inp)
+
+    results = timeit_interleaved({
+        "fgjax make_onnx_predictor (own export, onnxruntime)": lambda: onnx_predict(x),
+        "ONNX Runtime (torch.onnx.export)": lambda: sess.run(None, {"x": x_nchw}),
+        "fgjax make_cpu_predictor (XLA)": lambda: predict(x),
+        "fgjax plain jit (BN, auto depthwise)":
+            lambda: plain(spec.variables, xj).block_until_ready(),
+        "PyTorch eager": lambda: torch_eager(net, xt),
+        "PyTorch eager channels_last": lambda: torch_eager(net_cl, xt_cl),
+    }, repeats)
     for k, v in results.items():
       rows.append((name, bs, k, v * 1e3, bs / v))
       print(f"# {name} bs={bs} {k}: {v * 1e3:.2f} ms", flush=True)
