@@ -84,3 +84,36 @@ def test_onnx_export_emits_fusable_ops(name, activation, count):
   if clip is not None:
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     assert (float(inits[clip.input[1]]), float(inits[clip.input[2]])) == (0.0, 6.0)
+
+
+def test_cpu_predictor_onnx_engine():
+  pytest.importorskip("onnx", reason="ONNX export needs the onnx package")
+  pytest.importorskip("onnxruntime", reason="ONNX predictor needs onnxruntime")
+  spec = models.get("small_cnn")
+  x = np.random.default_rng(1).normal(size=(3, 16, 16, 3)).astype(np.float32)
+  want = spec.module.apply(spec.variables, x, train=False)
+  _assert_close(inference.make_cpu_predictor(spec, batch_size=2, engine="onnx")(x), want)
+  with pytest.raises(ValueError, match="engine"):
+    inference.make_cpu_predictor(spec, engine="tflite")
+  with pytest.raises(ValueError, match="fold_bn"):
+    inference.make_cpu_predictor(spec, engine="onnx", fold_bn=False)
+  with pytest.raises(ValueError, match="variables"):
+    inference.make_onnx_predictor(spec.module)
+  with pytest.raises(ValueError, match="batch_size"):
+    inference.make_onnx_predictor(spec, batch_size=0)
+
+
+def test_fuse_leaves_shared_values_alone():
+  # A value with a second consumer (here: also a graph output) must not be fused away.
+  helper = pytest.importorskip("onnx", reason="ONNX export needs the onnx package").helper
+  consts = {"w": np.ones((4, 3, 1, 1), np.float32), "b": np.ones((1, 4, 1, 1), np.float32),
+            "zero": np.float32(0), "six": np.float32(6)}
+  nodes = [helper.make_node("Conv", ["x", "w"], ["conv"]),
+           helper.make_node("Add", ["conv", "b"], ["biased"]),
+           helper.make_node("Max", ["zero", "biased"], ["relu"]),
+           helper.make_node("Min", ["six", "relu"], ["out"])]
+  fused = inference._fuse(list(nodes), dict(consts), {}, ["out"])
+  assert [n.op_type for n in fused] == ["Conv", "Clip"]
+  assert list(fused[0].input)[:2] == ["x", "w"] and len(fused[0].input) == 3
+  kept = inference._fuse(list(nodes), dict(consts), {}, ["out", "conv", "relu"])
+  assert [n.op_type for n in kept] == ["Conv", "Add", "Relu", "Min"]
