@@ -34,12 +34,17 @@ _PQ = flags.DEFINE_integer("pq_bytes", 0, "OPQ bytes per impostor (0: uncompress
 _HOLDOUT = flags.DEFINE_integer(
     "holdout_every", 0, "Open set: hold out every n-th class (0: none) as unknown.")
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the run directories.")
+_FEATURE_CACHE = flags.DEFINE_string(
+    "feature_cache_dir", "", "Head-only runs: directory for backbone features shared by "
+    "the runs (config.train.feature_cache_dir).")
 
 
 def config_for(scheme: str):
   c = common.birds525(scheme)
   c.model.trainable = _DEPTH.value
   c.train.cache_features = _DEPTH.value == "head"
+  if c.train.cache_features and _FEATURE_CACHE.value:
+    c.train.feature_cache_dir = _FEATURE_CACHE.value
   c.train.num_epochs = _EPOCHS.value
   c.train.batch_size = _BATCH.value
   c.train.log_every_steps = 50

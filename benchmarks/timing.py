@@ -90,10 +90,9 @@ def classifier_times(m, reps):
     qn = np.asarray(q)
     rows[("exact", batch)] = _median_time(lambda: exact(q).block_until_ready(), reps) / batch
 
-    def via_scann():
-      dist, idx = index.search(qn, 64)
-      return np.asarray(impostors.rbf_log_probs_from_neighbors(
-          jnp.asarray(dist), jnp.asarray(idx), imps.labels, sigma, c))
+    def via_scann():  # The public k-NN rule: search + eq. (3) over the neighbours.
+      return np.asarray(search.classify(qn, centers, imps.labels, sigma, c,
+                                        index=index, k=64))
     rows[("scann", batch)] = _median_time(via_scann, reps) / batch
     rows[("pq-adc", batch)] = _median_time(lambda: adc(q).block_until_ready(), reps) / batch
   # ScaNN throughput and agreement with the exact rule on many queries.

@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 200
   c.train.cache_features = False  # head-only training on cached backbone features
+  # With cache_features: a directory shared by runs, so a sweep computes the backbone
+  # features of each split once (fgjax.feature_cache); empty: per run, in memory.
+  c.train.feature_cache_dir = ""
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-4

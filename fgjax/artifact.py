@@ -68,11 +68,23 @@ def export(path: str, *, config, class_names: list[str], variables: dict[str, An
   return path
 
 
-class Model:
-  """A loaded artifact: preprocessing constants, network, impostors, class names."""
+ENGINES = ("jit", "xla", "onnx")
 
-  def __init__(self, path: str):
+
+class Model:
+  """A loaded artifact: preprocessing constants, network, impostors, class names.
+
+  `engine` picks how the backbone runs: 'jit' (plain `jax.jit`, any device), or one
+  of the CPU serving paths of `fgjax.models.inference` - 'xla' (BN folded, shifted
+  depthwise, fixed batch) or 'onnx' (exported to onnxruntime; needs `onnx` and
+  `onnxruntime`; the fastest on CPU, BENCHMARKS.md). The heads and the classifier
+  are the same for all three, so they give the same predictions up to float error.
+  """
+
+  def __init__(self, path: str, engine: str = "jit", batch_size: int = 16):
     from fgjax import models  # The registry pulls in every backbone module.
+    if engine not in ENGINES:
+      raise ValueError(f"engine={engine!r} is unknown; use one of {', '.join(ENGINES)}.")
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
       raise FileNotFoundError(
@@ -106,14 +118,27 @@ class Model:
     self.sigma = float(self.meta["sigma"])
     self.mean = np.asarray(self.meta["mean"], np.float32)
     self.std = np.asarray(self.meta["std"], np.float32)
-    self._forward = jax.jit(lambda v, x: self.net.apply(v, x, train=False))
+    self.engine = engine
+    if engine == "jit":
+      self._forward = jax.jit(lambda v, x: self.net.apply(v, x, train=False))
+    else:
+      from fgjax.models import inference  # pylint: disable=g-import-not-at-top
+      backbone_vars = {"params": self.variables["params"]["backbone"]}
+      stats = self.variables.get("batch_stats", {}).get("backbone")
+      if stats:
+        backbone_vars["batch_stats"] = stats
+      features = inference.make_cpu_predictor(spec, backbone_vars, batch_size,
+                                              engine=engine)
+      heads_fn = jax.jit(lambda v, f: self.net.apply(
+          v, f, method=heads.ImpostorNet.heads))
+      self._forward = lambda v, x: heads_fn(v, jnp.asarray(features(np.asarray(x))))
 
   def log_probs(self, images: np.ndarray) -> np.ndarray:
     """(N, C) class log-probabilities of normalised NHWC images.
 
     Impostor networks: the RBF rule, eq. (3), over all impostors; ConvNets: softmax.
     """
-    out = self._forward(self.variables, jnp.asarray(images, jnp.float32))
+    out = self._forward(self.variables, np.asarray(images, np.float32))
     if self.pq is not None:  # Eq. (3) on ADC distances: no impostor is decoded.
       sq = quantize.adc_squared_distances(self.pq, out["embedding"], self.codes)
       return np.asarray(quantize.rbf_log_probs_from_sq_distances(

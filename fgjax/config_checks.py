@@ -82,3 +82,7 @@ def validate(config: Any) -> None:
     raise ValueError("config.train.cache_features=True needs config.model.trainable="
                      "'head' (cached backbone features are only valid while the "
                      "backbone is frozen).")
+  if config.train.get("feature_cache_dir") and not config.train.cache_features:
+    raise ValueError(f"config.train.feature_cache_dir={config.train.feature_cache_dir!r} "
+                     "is only used with config.train.cache_features=True (and "
+                     "config.model.trainable='head'); set both or leave it empty.")

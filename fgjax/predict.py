@@ -1,7 +1,7 @@
 """Classifies image files with a trained fgjax model.
 
   python -m fgjax.predict --workdir DIR image.jpg [more images or folders] [--json]
-  fgjax-predict --artifact DIR photos/ --reject_entropy 2.5
+  fgjax-predict --artifact DIR photos/ --reject_entropy 2.5 --engine onnx
 
 Prints, per image, the top-k classes with probabilities, the entropy of the predicted
 distribution (paper section 4.2) and "unknown" when the entropy is above
@@ -31,6 +31,9 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON document instead of tex
 _REJECT = flags.DEFINE_float("reject_entropy", None,
                              "Predict 'unknown' above this entropy (nats).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per forward pass.")
+_ENGINE = flags.DEFINE_enum(
+    "engine", "jit", artifact.ENGINES, "Backbone engine: jit (any device), xla (CPU: "
+    "BN folded, fixed batch) or onnx (CPU, onnxruntime; pip install onnx onnxruntime).")
 
 
 def expand_paths(paths: Iterable[str]) -> list[str]:
@@ -104,7 +107,7 @@ def main(argv):
   if bool(_WORKDIR.value) == bool(_ARTIFACT.value):
     raise app.UsageError("Give exactly one of --workdir or --artifact.")
   path = _ARTIFACT.value or os.path.join(_WORKDIR.value, "artifact")
-  model = artifact.Model(path)
+  model = artifact.Model(path, engine=_ENGINE.value, batch_size=_BATCH.value)
   results = predict_files(model, paths, topk=_TOPK.value, reject_entropy=_REJECT.value,
                           batch_size=_BATCH.value)
   if _JSON.value:

@@ -29,6 +29,7 @@ from fgjax import artifact
 from fgjax import config_checks
 from fgjax import data
 from fgjax import evaluate
+from fgjax import feature_cache
 from fgjax import impostors as impostors_lib
 from fgjax import metric_writer
 from fgjax import models
@@ -197,6 +198,38 @@ class Trainer:
     return evaluate.collect_outputs(self._forward, variables,
                                     self._iterator(source, train=False), self.mesh)
 
+  def split_outputs(self, variables, split: str) -> dict[str, np.ndarray]:
+    """Outputs for split 'train' | 'val' | 'test' | 'unknown', in index order.
+
+    With a frozen backbone on cached features only the heads run: the same numbers
+    as `outputs` (the backbone's BatchNorm uses running statistics in both).
+    """
+    if not self.from_features:
+      return self.outputs(variables, getattr(self.splits, split))
+    cached = self.split_features(split)
+    out = {k: np.asarray(v) for k, v in
+           self._heads(variables, jnp.asarray(cached["features"])).items()}
+    out.update(label=cached["label"], index=cached["index"])
+    return out
+
+  def split_features(self, split: str) -> dict[str, np.ndarray]:
+    """Frozen-backbone features of a split, once per run (and per cache directory)."""
+    memo = self.__dict__.setdefault("_split_features", {})
+    if split not in memo:
+      source = getattr(self.splits, split)
+
+      def compute():
+        out = self.outputs(self._variables0, source)
+        order = np.argsort(out["index"])
+        return {k: out[k][order] for k in ("features", "label", "index")}
+
+      key = feature_cache.fingerprint(self.config, split, source,
+                                      self.config.model.get("weights_path") or None)
+      memo[split] = feature_cache.load_or_compute(
+          self.config.train.get("feature_cache_dir", ""), key, compute,
+          write=jax.process_index() == 0)
+    return memo[split]
+
   # ---- state ------------------------------------------------------------------------
   def _impostors_from(self, variables) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of every training image, ordered by index (protocol step 2)."""
@@ -213,11 +246,8 @@ class Trainer:
 
   def train_features(self) -> tuple[np.ndarray, np.ndarray]:
     """Backbone features (M, F) and labels of the training images, computed once."""
-    if getattr(self, "_train_features", None) is None:
-      out = self.outputs(self._variables0, self.splits.train)
-      order = np.argsort(out["index"])
-      self._train_features = (out["features"][order], out["label"][order])
-    return self._train_features
+    cached = self.split_features("train")
+    return cached["features"], cached["label"]
 
   def initial_state(self, with_impostors: bool) -> State:
     variables = self._variables0
@@ -318,6 +348,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           max_to_keep=2, save_interval_steps=max(int(config.train.checkpoint_every_steps),
                                                  1) if config.train.checkpoint_every_steps
           else trainer.total_steps + 1))
+  if trainer.from_features:
+    # Before any state exists: the update donates buffers it shares with the
+    # initial variables, which the backbone pass reads.
+    for split in ("train", "val", "test", "unknown"):
+      source = getattr(trainer.splits, split)
+      if source is not None and len(source):
+        trainer.split_features(split)
   latest = manager.latest_step()
   if latest is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
@@ -415,8 +452,8 @@ def evaluate_state(trainer: Trainer, state: State) -> dict[str, Any]:
   results["memory"] = memory
   trainer.eval_quantizer = (pq, codes)
   splits = {"val": trainer.splits.val, "test": trainer.splits.test}
-  outputs = {name: trainer.outputs(variables, src) for name, src in splits.items()
-             if src is not None and len(src)}
+  outputs = {name: trainer.split_outputs(variables, name)
+             for name, src in splits.items() if src is not None and len(src)}
   sigma = float(config.impostors.sigma)
   if imps is not None:
     grid = list(config.eval.sigma_grid) or [sigma]
@@ -443,7 +480,7 @@ def _openset(trainer: Trainer, variables, imps, sigma: float,
              known: dict[str, np.ndarray]) -> dict[str, Any]:
   """Paper 4.2: entropy of known-class test images vs images of held-out classes."""
   from fgjax import openset  # matplotlib is only needed for the histogram.
-  unknown = trainer.outputs(variables, trainer.splits.unknown)
+  unknown = trainer.split_outputs(variables, "unknown")
 
   def log_probs(out):
     if imps is not None:

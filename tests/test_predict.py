@@ -45,6 +45,31 @@ def test_artifact_reproduces_test_accuracy(trained):
   assert top1 == pytest.approx(results["splits"]["test"]["rbf"]["top1"], abs=1e-9)
 
 
+@pytest.mark.parametrize("engine", ["xla", "onnx"])
+def test_cpu_engines_give_the_same_predictions(trained, engine):
+  if engine == "onnx":
+    pytest.importorskip("onnx", reason="engine='onnx' needs the onnx package")
+    pytest.importorskip("onnxruntime", reason="engine='onnx' needs onnxruntime")
+  config, workdir, _ = trained
+  test = data.get_splits(config.data).test
+  images = np.stack([transforms.eval_transform(test[i]["image"], image_size=8,
+                                               resize_size=8) for i in range(21)])
+  reference = artifact.Model(str(workdir / "artifact"))
+  x = transforms.normalize(images, reference.mean, reference.std)
+  expected = reference.log_probs(x)
+  # batch_size 8 over 21 images: two full batches and one zero-padded one.
+  fast = artifact.Model(str(workdir / "artifact"), engine=engine, batch_size=8)
+  got = fast.log_probs(x)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+
+
+def test_unknown_engine(trained):
+  _, workdir, _ = trained
+  with pytest.raises(ValueError, match="engine='tvm' is unknown"):
+    artifact.Model(str(workdir / "artifact"), engine="tvm")
+
+
 def test_predict_files_reports_bad_files_and_rejects(trained, tmp_path):
   config, workdir, _ = trained
   test = data.get_splits(config.data).test
@@ -77,7 +102,7 @@ def test_cli_json(trained, tmp_path):
   (folder / "notes.txt").write_text("not an image")
   proc = subprocess.run(
       [sys.executable, "-m", "fgjax.predict", f"--workdir={workdir}", "--json",
-       str(folder)], capture_output=True, text=True, cwd=REPO, timeout=300,
+       "--engine=xla", str(folder)], capture_output=True, text=True, cwd=REPO, timeout=300,
       env=dict(os.environ, XLA_FLAGS=""))
   assert proc.returncode == 0, proc.stderr[-2000:]
   doc = json.loads(proc.stdout)

@@ -1,0 +1,92 @@
+"""Head-only runs on cached backbone features: same numbers, backbone run once per sweep."""
+
+import os
+
+import numpy as np
+import pytest
+
+from fgjax import feature_cache
+from fgjax import train
+from tests.test_train import small_config
+
+
+def head_config(cache_dir="", scheme="fixed", steps=6):
+  return small_config(scheme, steps=steps, **{"model.trainable": "head",
+                                              "train.cache_features": True,
+                                              "train.feature_cache_dir": cache_dir})
+
+
+def test_split_outputs_from_features_equal_full_forward(tmp_path):
+  trainer = train.Trainer(head_config(), str(tmp_path))
+  state = trainer.initial_state(with_impostors=True)
+  variables = {"params": state["params"]["net"], "batch_stats": state["batch_stats"]}
+  for split in ("train", "val", "test"):
+    heads_only = trainer.split_outputs(variables, split)
+    full = trainer.outputs(variables, getattr(trainer.splits, split))
+    order = np.argsort(full["index"])
+    np.testing.assert_array_equal(heads_only["index"], np.arange(len(order)))
+    np.testing.assert_array_equal(heads_only["label"], full["label"][order])
+    np.testing.assert_allclose(heads_only["embedding"], full["embedding"][order],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_shared_cache_dir_skips_the_backbone_and_gives_same_results(tmp_path, monkeypatch):
+  cache = tmp_path / "features"
+  first = train.train_and_evaluate(head_config(str(cache)), str(tmp_path / "a"))
+  files = sorted(os.listdir(cache))
+  assert len(files) == 3 and all(f.endswith(".npz") for f in files)  # train, val, test
+
+  def no_backbone(*args, **kwargs):
+    raise AssertionError("the backbone ran although its features were cached")
+
+  monkeypatch.setattr(train.Trainer, "outputs", no_backbone)
+  second = train.train_and_evaluate(head_config(str(cache)), str(tmp_path / "b"))
+  assert sorted(os.listdir(cache)) == files
+  for split in ("val", "test"):
+    assert second["splits"][split]["rbf"] == first["splits"][split]["rbf"]
+  assert second["sigma"] == first["sigma"]
+
+
+def test_fingerprint_separates_what_changes_features(tmp_path):
+  config = head_config()
+  splits = train.Trainer(config, str(tmp_path)).splits
+  key = feature_cache.fingerprint(config, "val", splits.val, None)
+  assert key == feature_cache.fingerprint(head_config(), "val", splits.val, None)
+  assert key != feature_cache.fingerprint(config, "test", splits.test, None)
+  other = head_config()
+  other.data.seed = 1  # another stratified split of the digits
+  assert key != feature_cache.fingerprint(other, "val", splits.val, None)
+  bigger = head_config()
+  bigger.input.resize_size = 10
+  assert key != feature_cache.fingerprint(bigger, "val", splits.val, None)
+  weights = tmp_path / "w.pth"
+  weights.write_bytes(b"x")
+  assert key != feature_cache.fingerprint(config, "val", splits.val, str(weights))
+
+
+def test_unreadable_cache_file_names_it(tmp_path):
+  path = tmp_path / "features_k.npz"
+  path.write_bytes(b"not an npz")
+  with pytest.raises(OSError, match="features_k.npz.*delete it"):
+    feature_cache.load_or_compute(str(tmp_path), "k", lambda: {})
+
+
+def test_load_or_compute_writes_once_and_reads_back(tmp_path):
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"features": np.ones((3, 2), np.float32), "label": np.arange(3),
+            "index": np.arange(3)}
+
+  a = feature_cache.load_or_compute(str(tmp_path), "k", compute)
+  b = feature_cache.load_or_compute(str(tmp_path), "k", compute)
+  assert len(calls) == 1
+  np.testing.assert_array_equal(a["features"], b["features"])
+  assert os.listdir(tmp_path) == ["features_k.npz"]  # no temporary file left behind
+
+
+def test_cache_dir_without_cached_features_is_a_config_error(tmp_path):
+  config = small_config("fixed", steps=2, **{"train.feature_cache_dir": str(tmp_path)})
+  with pytest.raises(ValueError, match="config.train.feature_cache_dir"):
+    train.Trainer(config, str(tmp_path))
