@@ -67,6 +67,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.impostors.pq_bytes = 0
   c.impostors.pq_opq = True
 
+  # Auxiliary class-mean loss on the embedding, added to any scheme's loss:
+  # loss = scheme loss + weight * aux (ELoPE eq. 1, L = L_CE + lambda L_e). The class
+  # means (num_classes, E) live in the training state (checkpointed, not optimised),
+  # start at zero and follow the online update of ELoPE eq. (6)-(8) / Wen et al. eq. (4).
+  # Defaults other than name / weight are ELoPE's Table 2 (alpha, gamma, m).
+  c.aux_loss = ml_collections.ConfigDict()
+  c.aux_loss.name = "none"    # none | center (Wen et al. 2016) | elope (ELoPE Sec. 4)
+  c.aux_loss.weight = 0.0     # lambda of ELoPE eq. (1); ELoPE Table 2 uses 2.0. Must be
+                              # > 0 when name != 'none' (0 would be a silent no-op).
+  c.aux_loss.alpha = 0.5      # class-mean update rate, ELoPE eq. (6); 0 freezes them
+  c.aux_loss.gamma = 16.0     # elope: weight of the between-class term L_b, eq. (10)
+  c.aux_loss.margin = 0.75    # elope: m of eq. (10), on squared distances of means
+  # l2-normalise the embedding before the aux loss (ELoPE Sec. 4.1; it makes margin
+  # scale-free: squared distances of unit vectors are <= 4). Wen et al.'s center loss
+  # uses raw features: set False to reproduce it. The scheme's own loss is unaffected.
+  c.aux_loss.normalize = True
+
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
   # The RBF rule's sigma is re-chosen on the validation split from this grid after

@@ -78,6 +78,7 @@ def validate(config: Any) -> None:
       raise ValueError(f"config.impostors.pq_bytes={pq_bytes} must divide "
                        f"config.model.embed_dim={config.model.embed_dim} "
                        "(one 8-bit code per sub-vector).")
+  _validate_aux_loss(config)
   if config.train.cache_features and parse_trainable(config.model.trainable)[0] != "head":
     raise ValueError("config.train.cache_features=True needs config.model.trainable="
                      "'head' (cached backbone features are only valid while the "
@@ -86,3 +87,26 @@ def validate(config: Any) -> None:
     raise ValueError(f"config.train.feature_cache_dir={config.train.feature_cache_dir!r} "
                      "is only used with config.train.cache_features=True (and "
                      "config.model.trainable='head'); set both or leave it empty.")
+
+
+def _validate_aux_loss(config: Any) -> None:
+  """config.aux_loss: a known name, non-negative rates, and a weight iff a loss is on."""
+  aux = config.get("aux_loss")
+  if aux is None:  # A config written before aux losses existed: none.
+    return
+  if aux.name not in schemes.AUX_NAMES:
+    raise ValueError(f"config.aux_loss.name={aux.name!r} is unknown; use one of "
+                     f"{', '.join(schemes.AUX_NAMES)}.")
+  for path in ("aux_loss.weight", "aux_loss.alpha", "aux_loss.gamma",
+               "aux_loss.margin"):
+    _positive(config, path, allow_zero=True)
+  # A weight without a loss (or a loss without a weight) is almost always a forgotten
+  # flag; failing beats a run that silently trains without the intended term.
+  if aux.name == "none" and aux.weight > 0:
+    raise ValueError(f"config.aux_loss.weight={aux.weight!r} but config.aux_loss.name="
+                     "'none'; set config.aux_loss.name to one of center, elope, or the "
+                     "weight to 0.")
+  if aux.name != "none" and aux.weight == 0:
+    raise ValueError(f"config.aux_loss.name={aux.name!r} with config.aux_loss.weight=0 "
+                     "adds nothing to the loss; set config.aux_loss.weight > 0 (ELoPE "
+                     "eq. 1 uses lambda=2.0) or config.aux_loss.name='none'.")

@@ -7,9 +7,10 @@ results.json.
 
 The training state is one pytree,
   {'step', 'params': {'net': flax params, 'impostors': ImpostorSet},
-   'batch_stats', 'opt_state'},
+   'batch_stats', 'opt_state', 'class_means' (only with config.aux_loss)},
 replicated over a 1-D device mesh while batches are split along it. The optimiser sees
-only the float leaves {'net', 'centers'}; impostor labels are data, not parameters.
+only the float leaves {'net', 'centers'}; impostor labels are data, not parameters, and
+the class means of an auxiliary loss follow their own online rule (schemes.AuxLoss).
 """
 
 import json
@@ -70,7 +71,10 @@ def init_variables(net: heads.ImpostorNet, spec, config) -> dict[str, Any]:
 
 
 def trainable_tree(state: State) -> dict[str, Any]:
-  """The float leaves the optimiser updates: network params and impostor centers."""
+  """The float leaves the optimiser updates: network params and impostor centers.
+
+  Not state['class_means']: the aux loss moves them with its own update rule.
+  """
   tree = {"net": state["params"]["net"]}
   if state["params"].get("impostors") is not None:
     tree["centers"] = state["params"]["impostors"].centers
@@ -91,8 +95,13 @@ def _frozen_stages(config, spec) -> frozenset[str]:
 
 def make_update_fn(net: heads.ImpostorNet, scheme: schemes.Scheme,
                    tx: optax.GradientTransformation, sigma: float,
-                   backbone_train: bool, from_features: bool):
-  """The one update function: loss per scheme, gradients, optimiser step."""
+                   backbone_train: bool, from_features: bool,
+                   aux: Optional[schemes.AuxLoss] = None):
+  """The one update function: loss per scheme, gradients, optimiser step.
+
+  With `aux`, the loss is the scheme's + aux.weight * aux loss on the embedding
+  against state['class_means'] (C, E), which the step replaces by their update.
+  """
 
   def update(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
     labels_of_impostors = (state["params"]["impostors"].labels
@@ -117,10 +126,17 @@ def make_update_fn(net: heads.ImpostorNet, scheme: schemes.Scheme,
       if scheme.uses_impostors:
         imps = impostors_lib.ImpostorSet(trainable["centers"], labels_of_impostors)
       loss, metrics = schemes.loss_and_metrics(scheme, outputs, batch, imps, sigma)
-      return loss, (metrics, new_stats)
+      new_means = None
+      if aux is not None:
+        aux_loss, new_means = schemes.aux_loss_and_means(
+            aux, outputs["embedding"], batch, state["class_means"])
+        metrics["aux_loss"] = aux_loss
+        loss = loss + aux.weight * aux_loss
+        metrics["loss"] = loss
+      return loss, (metrics, new_stats, new_means)
 
     trainable = trainable_tree(state)
-    grads, (metrics, new_stats) = jax.grad(loss_fn, has_aux=True)(trainable)
+    grads, (metrics, new_stats, new_means) = jax.grad(loss_fn, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -130,6 +146,8 @@ def make_update_fn(net: heads.ImpostorNet, scheme: schemes.Scheme,
                                                       labels_of_impostors)
     new_state = {**state, "step": state["step"] + 1, "params": params,
                  "batch_stats": new_stats, "opt_state": opt_state}
+    if aux is not None:
+      new_state["class_means"] = new_means
     return new_state, metrics
 
   return update
@@ -163,6 +181,7 @@ class Trainer:
     self.splits = data.get_splits(config.data)
     self.num_classes = self.splits.num_classes
     self.scheme = schemes.get(config)
+    self.aux = schemes.get_aux_loss(config)
     self.spec, self.net = build_network(config, self.num_classes, self.scheme)
     mode, _ = config_checks.parse_trainable(config.model.trainable)
     self.backbone_train = mode == "all"
@@ -283,12 +302,30 @@ class Trainer:
     if self.compress_before_training:
       # A plain dict: orbax restores it into the same structure it saved.
       state["pq"] = pq._asdict()
+    if self.aux is not None:
+      # Zeros, also with_impostors=True (ELoPE does not say how it initialises): no
+      # pass over the training set, and one structure for init and restore. The online
+      # update (eq. 6) pulls a class's mean to its features within a few of its batches:
+      # its weight on the zero start shrinks by (1 - alpha N_c / (1 + N_c)) per batch.
+      state["class_means"] = jnp.zeros((self.num_classes, self.embedding_width),
+                                       jnp.float32)
     labels = optim.trainable_labels(trainable_tree(state),
                                     train_impostors=self.scheme.train_impostors,
                                     frozen_backbone_stages=self.frozen)
     self.tx = optim.make_optimizer(self.config, labels, self.total_steps)
     state["opt_state"] = self.tx.init(trainable_tree(state))
     return parallel.replicate(state, self.mesh)
+
+  @property
+  def embedding_width(self) -> int:
+    """E of outputs['embedding']: d_em, or the backbone's feature width for 'ce'."""
+    if self.scheme.embed_dim is not None:
+      return int(self.scheme.embed_dim)
+    size = self.config.input.image_size
+    shapes = jax.eval_shape(  # Shapes only: no compute.
+        lambda v: self.net.apply(v, jnp.zeros((1, size, size, 3)), train=False),
+        self._variables0)
+    return int(shapes["embedding"].shape[-1])
 
   @property
   def compress_before_training(self) -> bool:
@@ -368,7 +405,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   update = jax.jit(make_update_fn(trainer.net, trainer.scheme, trainer.tx,
                                   float(config.impostors.sigma), trainer.backbone_train,
-                                  trainer.from_features),
+                                  trainer.from_features, trainer.aux),
                    donate_argnums=(0,))
   batches = (trainer._cached_feature_batches(step) if trainer.from_features
              else trainer._iterator(trainer.splits.train, train=True, start_step=step))

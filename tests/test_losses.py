@@ -338,3 +338,39 @@ def test_elope_validation():
     losses.update_class_means(means, f, np.array([0, 1], np.int32), -0.1)
   with pytest.raises(ValueError, match="features"):
     losses.update_class_means(means, f[:, :3], np.array([0, 1], np.int32), 0.1)
+
+
+def test_elope_weights_zero_rows_change_nothing():
+  rng = np.random.default_rng(12)
+  means = rng.normal(size=(6, 4)).astype(np.float32) * 0.3
+  f = rng.normal(size=(7, 4)).astype(np.float32)
+  f /= np.linalg.norm(f, axis=1, keepdims=True)
+  # Rows 5, 6 weigh zero; row 6's class 3 appears nowhere else, so a leak would move
+  # mean 3 and add pairs (k, 3) to L_b.
+  labels = np.array([0, 2, 2, 5, 0, 1, 3], np.int32)
+  w = np.array([1, 1, 1, 1, 1, 0, 0], np.float32)
+  keep = w > 0
+  got_means = jax.jit(losses.update_class_means)(means, f, labels, 0.4, w)
+  np.testing.assert_allclose(got_means, _means_ref(means, f[keep], labels[keep], 0.4),
+                             rtol=1e-5, atol=1e-6)
+  loss, new = jax.jit(losses.elope_loss)(f, labels, means, 0.4, 2.0, 1.5, w)
+  want_loss, want_new = _elope_ref(f[keep], labels[keep], means, 0.4, 2.0, 1.5)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(new, want_new, rtol=1e-5, atol=1e-6)
+  # Bool masks work too, and no gradient reaches the zero-weight rows.
+  g = jax.grad(lambda f: losses.elope_loss(f, labels, means, 0.4, 2.0, 1.5,
+                                           keep)[0])(f)
+  np.testing.assert_array_equal(np.asarray(g)[~keep], 0.0)
+  # weights=None is all ones.
+  ones = losses.elope_loss(f, labels, means, 0.4, 2.0, 1.5, np.ones(7, np.float32))
+  none = losses.elope_loss(f, labels, means, 0.4, 2.0, 1.5)
+  np.testing.assert_allclose(ones[0], none[0], rtol=1e-6)
+  np.testing.assert_allclose(ones[1], none[1], rtol=1e-6)
+  # All rows zero: no nan, means unchanged.
+  loss0, new0 = losses.elope_loss(f, labels, means, 0.4, 2.0, 1.5, np.zeros(7))
+  assert float(loss0) == 0.0
+  np.testing.assert_allclose(new0, means)
+  with pytest.raises(ValueError, match="weights"):
+    losses.update_class_means(means, f, labels, 0.4, w[:3])
+  with pytest.raises(ValueError, match="weights"):
+    losses.elope_loss(f, labels, means, 0.4, 2.0, 1.5, -w)

@@ -9,11 +9,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import digits_loose
 from fgjax import train
+from fgjax.models import heads
+from tests.test_losses import _elope_ref, _means_ref
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -177,6 +180,122 @@ def test_bad_config_fails_before_compute(tmp_path, field, value, match):
   with pytest.raises(ValueError, match=match.replace(".", r"\.")):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"aux_loss.name": "triplet", "aux_loss.weight": 1.0}, "config.aux_loss.name"),
+    ({"aux_loss.name": "elope", "aux_loss.weight": -1.0}, "config.aux_loss.weight"),
+    ({"aux_loss.name": "elope", "aux_loss.weight": 1.0, "aux_loss.alpha": -0.5},
+     "config.aux_loss.alpha"),
+    ({"aux_loss.name": "elope", "aux_loss.weight": 1.0, "aux_loss.gamma": -1.0},
+     "config.aux_loss.gamma"),
+    ({"aux_loss.name": "elope", "aux_loss.weight": 1.0, "aux_loss.margin": -1.0},
+     "config.aux_loss.margin"),
+    # A loss without a weight, or a weight without a loss: an error, not a no-op.
+    ({"aux_loss.name": "center", "aux_loss.weight": 0.0}, "config.aux_loss.weight=0"),
+    ({"aux_loss.weight": 2.0}, "config.aux_loss.name='none'"),
+])
+def test_bad_aux_loss_config_fails_before_compute(tmp_path, overrides, match):
+  config = small_config(**overrides)
+  with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def aux_config(scheme="ce_extra", name="elope", steps=6, **overrides):
+  return small_config(scheme, steps=steps, **{"aux_loss.name": name,
+                                              "aux_loss.weight": 2.0, **overrides})
+
+
+@pytest.mark.parametrize("scheme,name,overrides", [
+    ("ce_extra", "elope", {}),
+    ("loose", "center", {}),
+    ("fixed", "elope", {"model.trainable": "head", "train.cache_features": True}),
+])
+def test_aux_loss_trains_and_checkpoints_class_means(tmp_path, scheme, name, overrides):
+  config = aux_config(scheme, name, **overrides)
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  aux = [r["aux_loss"] for r in rows if "aux_loss" in r]
+  assert len(aux) == 6 and np.all(np.isfinite(aux)) and max(aux) > 0
+  assert all(np.isfinite(v) for v in read_losses(tmp_path).values())
+  step, state = final_state(tmp_path, config)
+  means = np.asarray(state["class_means"])
+  assert step == 6 and means.shape == (10, 64)  # (C, E): 10 digits, d_em = 64
+  assert np.abs(means).max() > 1e-3  # moved away from their zero init
+
+
+def test_no_aux_loss_no_class_means(tmp_path):
+  trainer = train.Trainer(small_config("ce_extra"), str(tmp_path))
+  assert "class_means" not in trainer.initial_state(with_impostors=False)
+
+
+@pytest.mark.parametrize("name", ["center", "elope"])
+def test_aux_update_matches_numpy_and_ignores_padding(tmp_path, name):
+  # Head-only on cached features: each row's embedding depends on that row alone (no
+  # BatchNorm over the batch), so the padding row can only leak through the aux loss.
+  config = aux_config("ce_extra", name, **{
+      "model.trainable": "head", "train.cache_features": True, "aux_loss.weight": 0.7,
+      "aux_loss.alpha": 0.3, "aux_loss.gamma": 2.0, "aux_loss.margin": 1.5})
+  trainer = train.Trainer(config, str(tmp_path))
+  state = trainer.initial_state(with_impostors=True)
+  rng = np.random.default_rng(0)
+  means0 = (0.3 * rng.normal(size=state["class_means"].shape)).astype(np.float32)
+  state["class_means"] = jnp.asarray(means0)
+  features, _ = trainer.train_features()
+  # Row 5 is padding; its class 7 appears nowhere else in the batch.
+  labels = np.array([0, 2, 2, 5, 0, 7], np.int32)
+  batch = {"image": features[:6], "label": labels, "index": np.arange(6, dtype=np.int32),
+           "valid": np.array([True] * 5 + [False])}
+  update = jax.jit(train.make_update_fn(
+      trainer.net, trainer.scheme, trainer.tx, float(config.impostors.sigma),
+      backbone_train=False, from_features=True, aux=trainer.aux))
+  new_state, metrics = update(state, batch)
+
+  out = trainer.net.apply({"params": state["params"]["net"]}, features[:5],
+                          method=heads.ImpostorNet.heads)
+  emb = np.asarray(out["embedding"], np.float64)
+  f = emb / np.linalg.norm(emb, axis=1, keepdims=True)  # aux_loss.normalize
+  if name == "center":
+    want = np.mean(0.5 * ((f - means0[labels[:5]]) ** 2).sum(1))
+    want_means = _means_ref(means0, f, labels[:5], 0.3)
+  else:
+    want, want_means = _elope_ref(f, labels[:5], means0, 0.3, 2.0, 1.5)
+  np.testing.assert_allclose(metrics["aux_loss"], want, rtol=1e-5)
+  np.testing.assert_allclose(new_state["class_means"], want_means, rtol=1e-5, atol=1e-6)
+  logits = np.asarray(out["logits"], np.float64)
+  lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+  ce = np.mean(lse - logits[np.arange(5), labels[:5]])
+  np.testing.assert_allclose(metrics["loss"], ce + 0.7 * want, rtol=1e-5)
+
+  # Another image and label in the padding row: the same step, to the last bit.
+  other = dict(batch, image=features[[0, 1, 2, 3, 4, 100]],
+               label=np.array([0, 2, 2, 5, 0, 9], np.int32))
+  new_other, metrics_other = update(state, other)
+  for a, b in zip(jax.tree.leaves((new_state, metrics)),
+                  jax.tree.leaves((new_other, metrics_other))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_aux_loss_resume_matches_uninterrupted_run(tmp_path):
+  trainer = train.Trainer(aux_config(), str(tmp_path / "shapes"))
+  real = trainer.initial_state(with_impostors=True)
+  abstract = trainer.initial_state(with_impostors=False)
+  assert jax.tree.structure(real) == jax.tree.structure(abstract)
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(real)] == [
+      (x.shape, x.dtype) for x in jax.tree.leaves(abstract)]
+  train.train_and_evaluate(aux_config(steps=6), str(tmp_path / "full"))
+  train.train_and_evaluate(aux_config(steps=4), str(tmp_path / "part"))
+  results = train.train_and_evaluate(aux_config(steps=6), str(tmp_path / "part"))
+  assert results["steps"] == 6
+  # Resumed at step 4, not restarted: steps 1-4 are logged once.
+  rows = [json.loads(l) for l in open(tmp_path / "part" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+  _, reference = final_state(tmp_path / "full", aux_config(steps=6))
+  _, resumed = final_state(tmp_path / "part", aux_config(steps=6))
+  for key in ("class_means", "params"):
+    for a, b in zip(jax.tree.leaves(reference[key]), jax.tree.leaves(resumed[key])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_batch_not_divisible_by_devices(tmp_path):
