@@ -392,6 +392,44 @@ def build_index(centers: Any, backend: str = "exact", **options) -> NeighborInde
   raise ValueError(f"`backend` must be one of {BACKENDS}; got {backend!r}.")
 
 
+class NeighborClassifier:
+  """Eq. (3) over the k nearest impostors of an index: checked once, then cheap.
+
+  For serving: the labels, sigma and k are validated when it is built, so a call is
+  the search plus one compiled kernel (no per-call checks over the M labels, no
+  op-by-op dispatch). On CPU that keeps the classifier at a few percent of the
+  ConvNet's forward time (BENCHMARKS.md, "Timing breakdown").
+
+    clf = NeighborClassifier(build_index(centers, 'scann'), labels, sigma=0.3,
+                             num_classes=200, k=64)
+    log_probs = clf(embeddings)  # (B, C)
+  """
+
+  def __init__(self, index: NeighborIndex, impostor_labels: Any, sigma: float,
+               num_classes: int, k: int = 64):
+    from fgjax import impostors  # pylint: disable=g-import-not-at-top
+    labels = np.asarray(impostor_labels)
+    if labels.shape != (index.size,) or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"`impostor_labels` must be ({index.size},) int, one per indexed "
+                       f"center; got {labels.dtype} {labels.shape}.")
+    self.k = _check_k(min(int(k), index.size), index.size)
+    self.index = index
+    self.num_classes = int(num_classes)
+    # The full check (ranges, sigma > 0) once, on a 1-row dummy neighbourhood.
+    impostors.rbf_log_probs_from_neighbors(
+        jnp.zeros((1, self.k)), jnp.zeros((1, self.k), jnp.int32), labels, sigma,
+        self.num_classes)
+    self._labels = jnp.asarray(labels, jnp.int32)
+    self._sigma = jnp.asarray(sigma, jnp.float32)
+    self._rule = impostors._neighbor_rule  # pylint: disable=protected-access
+
+  def __call__(self, queries: Any) -> jax.Array:
+    """(B, C) float32 log-probabilities (-inf for classes with no neighbour)."""
+    sq_dists, idx = self.index.search(queries, self.k)
+    return self._rule(sq_dists, idx, self._labels, self._sigma,
+                      num_classes=self.num_classes)
+
+
 def classify(queries: Any, impostor_centers: Any, impostor_labels: Any,
              sigma: float, num_classes: int, index: NeighborIndex | None = None,
              k: int = 64) -> jax.Array:
@@ -401,6 +439,9 @@ def classify(queries: Any, impostor_centers: Any, impostor_labels: Any,
   the k nearest impostors (Sec. 3.1; eq. 9 of the NNGK review):
     p(l | y) = sum_{j in N_k(y)} w_j [l_j = l] / sum_{j in N_k(y)} w_j,
     w_j = exp(-||y - c_j||^2 / (2 sigma^2)).
+
+  One-off calls; to classify many batches against the same impostors build a
+  `NeighborClassifier` once instead.
 
   Args:
     queries: (B, d) float embeddings y.
@@ -415,7 +456,6 @@ def classify(queries: Any, impostor_centers: Any, impostor_labels: Any,
   Returns:
     (B, C) float32 log-probabilities (-inf for classes with no neighbour).
   """
-  from fgjax import impostors  # pylint: disable=g-import-not-at-top
   impostor_centers = _as_float_matrix(impostor_centers, "impostor_centers")
   if index is None:
     index = build_index(impostor_centers, "exact")
@@ -424,6 +464,4 @@ def classify(queries: Any, impostor_centers: Any, impostor_labels: Any,
         f"`index` holds (M, d)=({index.size}, {index.dim}) but "
         f"`impostor_centers` has shape {tuple(impostor_centers.shape)}; build "
         "the index from the same impostors.")
-  sq_dists, idx = index.search(queries, min(int(k), index.size))
-  return impostors.rbf_log_probs_from_neighbors(
-      sq_dists, idx, jnp.asarray(impostor_labels), sigma, num_classes)
+  return NeighborClassifier(index, impostor_labels, sigma, num_classes, k)(queries)

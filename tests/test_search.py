@@ -252,9 +252,6 @@ def test_rbf_rule_same_top1_through_scann_knn_as_exact_all_impostors(
 
 
 def test_classify_uses_impostors_rule():
-  impostors = pytest.importorskip(
-      "fgjax.impostors", reason="fgjax.impostors has not landed yet")
-  del impostors
   centers, labels, queries = _impostor_problem(m=1200, d=16, b=50)
   full = _np_rbf_probs(_ref_sq_dists(queries, centers), labels[None, :], SIGMA, C)
   logp = search.classify(queries, centers, labels, SIGMA, C, k=K)
@@ -263,6 +260,23 @@ def test_classify_uses_impostors_rule():
   other = search.build_index(centers[:100])
   with pytest.raises(ValueError, match="index"):
     search.classify(queries, centers, labels, SIGMA, C, index=other)
+
+
+def test_neighbor_classifier_checks_once_and_matches_classify():
+  centers, labels, queries = _impostor_problem(m=1200, d=16, b=50)
+  index = search.build_index(centers)
+  clf = search.NeighborClassifier(index, labels, SIGMA, C, k=K)
+  np.testing.assert_allclose(np.asarray(clf(queries)), np.asarray(
+      search.classify(queries, centers, labels, SIGMA, C, index=index, k=K)),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(clf(queries[:1])), np.asarray(clf(queries))[:1],
+                             rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="impostor_labels"):
+    search.NeighborClassifier(index, labels + C, SIGMA, C)  # out of range
+  with pytest.raises(ValueError, match="impostor_labels"):
+    search.NeighborClassifier(index, labels[:10], SIGMA, C)  # one per center
+  with pytest.raises(ValueError, match="sigma"):
+    search.NeighborClassifier(index, labels, 0.0, C)
 
 
 # --------------------------------------------------------------- errors ----
