@@ -34,13 +34,15 @@ _PQ = flags.DEFINE_integer("pq_bytes", 0, "OPQ bytes per impostor (0: uncompress
 _HOLDOUT = flags.DEFINE_integer(
     "holdout_every", 0, "Open set: hold out every n-th class (0: none) as unknown.")
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the run directories.")
+_RESET = flags.DEFINE_integer("reset_every_epochs", 10,
+                              "Tied scheme: impostor reset period in epochs.")
 _FEATURE_CACHE = flags.DEFINE_string(
     "feature_cache_dir", "", "Head-only runs: directory for backbone features shared by "
     "the runs (config.train.feature_cache_dir).")
 
 
 def config_for(scheme: str):
-  c = common.birds525(scheme)
+  c = common.birds525(scheme, learning_rate=_LR.value)
   c.model.trainable = _DEPTH.value
   c.train.cache_features = _DEPTH.value == "head"
   if c.train.cache_features and _FEATURE_CACHE.value:
@@ -54,6 +56,7 @@ def config_for(scheme: str):
   c.input.image_size = _IMAGE_SIZE.value
   c.input.resize_size = max(_IMAGE_SIZE.value * 8 // 7, _IMAGE_SIZE.value)
   c.impostors.pq_bytes = _PQ.value
+  c.impostors.reset_every_epochs = _RESET.value
   if _HOLDOUT.value:
     c.data.holdout_classes = tuple(range(0, 525, _HOLDOUT.value))
   return c

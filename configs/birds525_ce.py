@@ -11,4 +11,4 @@ from configs import common
 
 
 def get_config():
-  return common.birds525("ce")
+  return common.birds525("ce", learning_rate=3e-4)

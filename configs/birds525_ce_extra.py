@@ -11,4 +11,4 @@ from configs import common
 
 
 def get_config():
-  return common.birds525("ce_extra")
+  return common.birds525("ce_extra", learning_rate=3e-4)

@@ -11,4 +11,4 @@ from configs import common
 
 
 def get_config():
-  return common.birds525("fixed")
+  return common.birds525("fixed", learning_rate=1e-5, sigma=0.2)

@@ -11,4 +11,4 @@ from configs import common
 
 
 def get_config():
-  return common.birds525("loose")
+  return common.birds525("loose", learning_rate=1e-4, sigma=0.5)

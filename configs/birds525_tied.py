@@ -11,4 +11,4 @@ from configs import common
 
 
 def get_config():
-  return common.birds525("tied")
+  return common.birds525("tied", learning_rate=3e-5, sigma=0.2)

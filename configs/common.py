@@ -94,12 +94,24 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-def birds525(scheme: str) -> ml_collections.ConfigDict:
-  """birds525 (../shared/data/birds525, canonical 3/1/1 split), EfficientNet-Lite0."""
+def birds525(scheme: str, learning_rate: float,
+             sigma: float = 0.2) -> ml_collections.ConfigDict:
+  """birds525 (../shared/data/birds525, canonical 3/1/1 split), EfficientNet-Lite0.
+
+  Head-only training on cached backbone features by default: the setting whose
+  learning rate and training sigma were chosen on the validation split on a 2-core CPU
+  (BENCHMARKS.md, section 5). With an accelerator, fine-tune more of the backbone with
+  --config.model.trainable=last:3 (or all) --config.train.cache_features=False.
+  """
   c = get_config()
   c.scheme = scheme
   c.data.source = "birds525"
   c.model.backbone = "efficientnet_lite0"
+  c.model.trainable = "head"
+  c.train.cache_features = True
+  c.train.log_every_steps = 50
+  c.optim.learning_rate = learning_rate
+  c.impostors.sigma = sigma
   return c
 
 

@@ -2,8 +2,8 @@
 
 Data flow (DESIGN.md): data sources -> input pipeline -> backbone + heads -> impostor
 initialisation (protocol steps 2-3) -> jitted update over a sharded batch -> orbax
-checkpoints -> evaluation with the RBF rule (eq. 3) and/or the softmax head ->
-results.json.
+checkpoints -> evaluation with the RBF rule (eq. 3) and/or the softmax head
+(fgjax.evaluate_run) -> results.json and the exported artifact.
 
 The training state is one pytree,
   {'step', 'params': {'net': flax params, 'impostors': ImpostorSet},
@@ -30,6 +30,7 @@ from fgjax import artifact
 from fgjax import config_checks
 from fgjax import data
 from fgjax import evaluate
+from fgjax import evaluate_run
 from fgjax import feature_cache
 from fgjax import impostors as impostors_lib
 from fgjax import metric_writer
@@ -438,7 +439,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     manager.wait_until_finished()
   train_seconds = time.time() - start_time
 
-  results = evaluate_state(trainer, state)
+  results, quantized = evaluate_run.evaluate_state(trainer, state)
   results.update({
       "config": config.to_dict(), "scheme": schemes.describe(trainer.scheme),
       "steps": step, "steps_per_epoch": trainer.steps_per_epoch,
@@ -454,99 +455,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         variables={"params": state["params"]["net"], "batch_stats": state["batch_stats"]},
         impostors=None if imps is None else parallel.to_host(imps),
         sigma=results["sigma"], spec=trainer.spec, scheme=trainer.scheme,
-        quantized=trainer.eval_quantizer)
-  writer.write_scalars(step, _flat_scalars(results))
+        quantized=quantized)
+  writer.write_scalars(step, evaluate_run.flat_scalars(results))
   writer.close()
   manager.close()
   return results
-
-
-def evaluate_state(trainer: Trainer, state: State) -> dict[str, Any]:
-  """Accuracy per split; sigma of the RBF rule chosen on the validation split."""
-  config = trainer.config
-  variables = {"params": state["params"]["net"], "batch_stats": state["batch_stats"]}
-  imps = state["params"]["impostors"]
-  results: dict[str, Any] = {"splits": {}}
-  memory = {"network_params_bytes": int(sum(
-      x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]["net"])))}
-  pq, codes = None, None
-  if imps is not None:
-    imps = impostors_lib.ImpostorSet(np.asarray(imps.centers), np.asarray(imps.labels))
-    memory["impostors_float32_bytes"] = int(imps.centers.size * 4)
-    if config.impostors.pq_bytes:
-      # Fixed: the quantizer trained before training; other schemes: compress the
-      # final impostors after training (deployment only).
-      if "pq" in state:
-        pq = quantize.ProductQuantizer(**state["pq"])
-      else:
-        pq = trainer.train_quantizer(imps.centers)
-      pq = quantize.ProductQuantizer(*(np.asarray(x) for x in pq))
-      codes = np.asarray(quantize.encode(pq, imps.centers))
-      imps = imps._replace(centers=np.asarray(quantize.decode(pq, codes)))
-      memory["pq"] = quantize.nbytes(pq, codes)
-      results["pq_applied"] = ("before training" if trainer.compress_before_training
-                               else "after training")
-  results["memory"] = memory
-  trainer.eval_quantizer = (pq, codes)
-  splits = {"val": trainer.splits.val, "test": trainer.splits.test}
-  outputs = {name: trainer.split_outputs(variables, name)
-             for name, src in splits.items() if src is not None and len(src)}
-  sigma = float(config.impostors.sigma)
-  if imps is not None:
-    grid = list(config.eval.sigma_grid) or [sigma]
-    selection_split = "val" if "val" in outputs else None
-    if selection_split:
-      sigma, table = evaluate.select_sigma(
-          outputs["val"]["embedding"], outputs["val"]["label"], imps, grid,
-          trainer.num_classes)
-      results["sigma_sweep_val_top1"] = table
-    results["sigma_selected_on"] = selection_split or "none (config.impostors.sigma)"
-  results["sigma"] = sigma
-  for name, out in outputs.items():
-    results["splits"][name] = evaluate.classify_split(
-        out, impostors=imps, sigma=sigma, num_classes=trainer.num_classes,
-        search=config.eval.search, k=int(config.eval.k))
-  if trainer.splits.unknown is not None and "test" in outputs:
-    results["openset"] = _openset(trainer, variables, imps, sigma, outputs["test"])
-  results["num_classes"] = trainer.num_classes
-  results["num_impostors"] = None if imps is None else int(imps.centers.shape[0])
-  return results
-
-
-def _openset(trainer: Trainer, variables, imps, sigma: float,
-             known: dict[str, np.ndarray]) -> dict[str, Any]:
-  """Paper 4.2: entropy of known-class test images vs images of held-out classes."""
-  from fgjax import openset  # matplotlib is only needed for the histogram.
-  unknown = trainer.split_outputs(variables, "unknown")
-
-  def log_probs(out):
-    if imps is not None:
-      return evaluate.rbf_log_probs(out["embedding"], imps, sigma, trainer.num_classes)
-    return np.asarray(jax.nn.log_softmax(jnp.asarray(out["logits"]), axis=-1))
-
-  h_known = evaluate.entropy(log_probs(known))
-  h_unknown = evaluate.entropy(log_probs(unknown))
-  report = openset.openset_report(h_known, h_unknown)
-  report["classifier"] = "rbf" if imps is not None else "softmax"
-  if jax.process_index() == 0:
-    np.savez(os.path.join(trainer.workdir, "openset_entropy.npz"), known=h_known,
-             unknown=h_unknown)
-    try:
-      report["histogram"] = openset.save_entropy_histogram(
-          os.path.join(trainer.workdir, "openset_entropy.png"), h_known, h_unknown,
-          title=f"{trainer.scheme.name} ({report['classifier']})")
-    except ImportError as e:  # The numbers stay; only the picture needs matplotlib.
-      report["histogram"] = f"not drawn: {e}"
-  return report
-
-
-def _flat_scalars(results: dict[str, Any]) -> dict[str, float]:
-  out = {}
-  for split, r in results["splits"].items():
-    for head in ("rbf", "softmax"):
-      for k, v in r.get(head, {}).items():
-        out[f"{split}/{head}_{k}"] = v
-  return out
 
 
 def _write_json(path: str, obj: Any) -> None:
