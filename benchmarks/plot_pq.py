@@ -1,10 +1,12 @@
 """Accuracy vs bytes per impostor (paper Fig. 2 right) from birds525 result files.
 
-  python benchmarks/plot_pq.py --uncompressed=WORKDIR --compressed=W64,W32,W16,W8 \
-      --out=benchmarks/pq_accuracy.png
+  python benchmarks/plot_pq.py \
+      --series='fixed (OPQ before training)=W_float,W_pq64,W_pq32,W_pq16,W_pq8' \
+      --series='loose (OPQ after training)=...' --out=benchmarks/pq_accuracy.png
 
-Each WORKDIR holds the results.json of a `fixed` run (benchmarks/birds525_schemes.py
-with --pq_bytes); the uncompressed run is drawn at 4 * d_em bytes (float32).
+Each W is a workdir with the results.json of a run of benchmarks/birds525_schemes.py
+(with --pq_bytes for the compressed ones); the float32 run of a series is drawn at
+4 * d_em bytes. Prints a Markdown table of the same numbers.
 """
 
 import json
@@ -13,38 +15,40 @@ import os
 from absl import app
 from absl import flags
 
-_UNCOMPRESSED = flags.DEFINE_string("uncompressed", None, "Workdir of the float32 run.")
-_COMPRESSED = flags.DEFINE_list("compressed", [], "Workdirs of the PQ runs.")
+_SERIES = flags.DEFINE_multi_string(
+    "series", [], "'label=workdir,workdir,...' (one float32 run and its PQ runs).")
 _OUT = flags.DEFINE_string("out", "benchmarks/pq_accuracy.png", "PNG path.")
 
 
 def load(workdir):
+  """(bytes per impostor, test top-1, val top-1, sigma) of one run."""
   r = json.load(open(os.path.join(workdir, "results.json")))
   pq = r["config"]["impostors"]["pq_bytes"]
   nbytes = pq if pq else 4 * r["config"]["model"]["embed_dim"]
-  return nbytes, r["splits"]["test"]["rbf"]["top1"], r["splits"]["val"]["rbf"]["top1"]
+  return (nbytes, r["splits"]["test"]["rbf"]["top1"], r["splits"]["val"]["rbf"]["top1"],
+          r["sigma"])
 
 
 def main(argv):
   del argv
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  points = sorted(load(w) for w in _COMPRESSED.value)
-  base = load(_UNCOMPRESSED.value) if _UNCOMPRESSED.value else None
-  print("| bytes / impostor | test top-1 | val top-1 |\n|---|---|---|")
-  for b, t, v in points + ([base] if base else []):
-    print(f"| {b} | {t:.3f} | {v:.3f} |")
-  fig = Figure(figsize=(5, 3.5))
+  fig = Figure(figsize=(5.5, 3.8))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="OPQ codes")
-  if base:
-    ax.axhline(base[1], color="gray", ls="--", label=f"float32 ({base[0]} B)")
+  print("| series | bytes / impostor | val top-1 | test top-1 | sigma (val) |")
+  print("|---|---|---|---|---|")
+  for spec in _SERIES.value:
+    label, _, dirs = spec.partition("=")
+    points = sorted((load(w) for w in dirs.split(",") if w), reverse=True)
+    for b, test, val, sigma in points:
+      print(f"| {label} | {b} | {val:.3f} | {test:.3f} | {sigma:g} |")
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
   ax.set_xscale("log", base=2)
-  ax.set_xlabel("bytes per impostor")
-  ax.set_ylabel("test top-1")
-  ax.set_title("birds525, fixed impostors, EfficientNet-Lite0 (head)")
-  ax.legend()
+  ax.set_xlabel("bytes per impostor (2048 = float32, d_em = 512)")
+  ax.set_ylabel("test top-1 (RBF rule)")
+  ax.set_title("birds525, EfficientNet-Lite0 (head-only)")
+  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(_OUT.value, dpi=100)
   print(f"wrote {_OUT.value}")

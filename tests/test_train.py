@@ -339,3 +339,32 @@ def test_openset_report_with_holdout_classes(tmp_path):
   # Entropies live in [0, log C].
   assert saved["known"].min() >= -1e-6 and saved["known"].max() <= np.log(8) + 1e-6
   assert (tmp_path / "openset_entropy.png").stat().st_size > 1000
+
+
+def test_frozen_stages_are_left_out_of_the_backward_pass(tmp_path):
+  """trainable='last:1': no gradient flows into frozen stages, and none is computed."""
+  def grad_fn_and_params(trainable):
+    config = small_config("ce", steps=1, **{"model.trainable": trainable})
+    trainer = train.Trainer(config, str(tmp_path / trainable.replace(":", "")))
+    params = trainer.initial_state(with_impostors=False)["params"]["net"]
+    stats = trainer._variables0.get("batch_stats", {})  # pylint: disable=protected-access
+    x = jnp.ones((4, 8, 8, 3), jnp.float32)
+
+    def loss(p):
+      variables = {"params": train._stop_frozen(p, trainer.frozen)}  # pylint: disable=protected-access
+      if stats:
+        variables["batch_stats"] = stats
+      return jnp.sum(trainer.net.apply(variables, x, train=False)["logits"] ** 2)
+    return jax.grad(loss), params
+
+  grad, params = grad_fn_and_params("last:1")
+  g = grad(params)
+  for stage in ("stage0", "stage1"):
+    assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree.leaves(g["backbone"][stage]))
+  assert max(float(jnp.abs(v).max()) for v in jax.tree.leaves(g["backbone"]["stage2"])) > 0
+
+  def convs(fn, p):
+    return str(jax.make_jaxpr(fn)(p)).count("conv_general_dilated")
+  full_grad, full_params = grad_fn_and_params("all")
+  # Forward convs are the same; the backward of the two frozen stages is gone.
+  assert convs(grad, params) < convs(full_grad, full_params)
