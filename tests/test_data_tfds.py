@@ -61,7 +61,7 @@ def test_missing_data_error_says_where_and_how(tmp_path):
     data.get_splits(_cfg(tfds_name="cars196", tfds_data_dir=str(tmp_path)))
   msg = str(e.value)
   assert str(tmp_path) in msg and "--config.data.tfds_data_dir" in msg
-  assert "tfds build cars196" in msg
+  assert "tfds build cars196" in msg and "[prepare]" in msg
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -10,7 +10,7 @@ TensorFlow: their builders (caltech_birds2011, cars196, stanford_dogs,
 oxford_flowers102 in tensorflow_datasets 4.9.10) read the raw archives with
 `tf.io.gfile`, which is not installed here. Prepare them once on a machine with
 TensorFlow and network access:
-  pip install tensorflow tensorflow-datasets
+  pip install -e '.[prepare]'     # tensorflow, next to tensorflow-datasets
   tfds build caltech_birds2011 --file_format=array_record --data_dir=/path/tfds
 and pass `--config.data.tfds_data_dir=/path/tfds`. The default TFRecord format
 cannot be read with random access: `--file_format=array_record` is required.
@@ -115,8 +115,9 @@ def _open(name: str, split: str, data_dir: str) -> Any:
         f"data_dir={data_dir} (from config.data.tfds_data_dir, $TFDS_DATA_DIR or "
         "~/tensorflow_datasets); download is off during training. Fix: pass "
         "--config.data.tfds_data_dir=/path/to/tensorflow_datasets holding a prepared "
-        f"copy, or prepare it once with network and TensorFlow: `tfds build {name} "
-        f"--file_format=array_record --data_dir={data_dir}`. TFDS said: "
+        "copy, or prepare it once with network and TensorFlow (`pip install -e "
+        f"'.[prepare]'`, then `tfds build {name} "
+        f"--file_format=array_record --data_dir={data_dir}`). TFDS said: "
         f"{type(e).__name__}: {e}") from e
 
 
