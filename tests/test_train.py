@@ -108,15 +108,22 @@ def test_tied_reset_sets_impostors_to_embeddings(tmp_path):
                              out["embedding"][order], rtol=1e-5, atol=1e-6)
 
 
-def test_four_devices_match_one_device(tmp_path):
+@pytest.mark.parametrize("aux", ["none", "elope"])
+def test_four_devices_match_one_device(tmp_path, aux):
   assert jax.device_count() >= 4, "conftest forces 4 host devices"
-  losses = {}
+  losses, means = {}, {}
+  extra = {"aux_loss.name": aux, "aux_loss.weight": 2.0} if aux != "none" else {}
   for n in (1, 4):
-    config = small_config("loose", steps=4, num_devices=n)
+    config = small_config("loose", steps=4, num_devices=n, **extra)
     train.train_and_evaluate(config, str(tmp_path / f"d{n}"))
     losses[n] = read_losses(tmp_path / f"d{n}")
+    if aux != "none":
+      means[n] = np.asarray(final_state(tmp_path / f"d{n}", config)[1]["class_means"])
   for step in range(1, 5):
     np.testing.assert_allclose(losses[4][step], losses[1][step], rtol=2e-4)
+  if aux != "none":  # The class means are state too: the same on 1 and 4 devices.
+    assert np.abs(means[1]).max() > 0
+    np.testing.assert_allclose(means[4], means[1], rtol=1e-4, atol=1e-6)
 
 
 def test_head_only_with_cached_features(tmp_path):
