@@ -268,11 +268,7 @@ class Trainer:
   # ---- state ------------------------------------------------------------------------
   def _impostors_from(self, variables) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of every training image, ordered by index (protocol step 2)."""
-    if self.from_features:  # Frozen backbone: only the heads need to run.
-      features, labels = self.train_features()
-      emb = np.asarray(self._heads(variables, jnp.asarray(features))["embedding"])
-      return emb, labels
-    out = self.outputs(variables, self.splits.train)
+    out = self.split_outputs(variables, "train")  # Heads only on cached features.
     m = len(self.splits.train)
     order = np.argsort(out["index"])
     if not np.array_equal(out["index"][order], np.arange(m)):
@@ -337,11 +333,7 @@ class Trainer:
     """E of outputs['embedding']: d_em, or the backbone's feature width for 'ce'."""
     if self.scheme.embed_dim is not None:
       return int(self.scheme.embed_dim)
-    size = self.config.input.image_size
-    shapes = jax.eval_shape(  # Shapes only: no compute.
-        lambda v: self.net.apply(v, jnp.zeros((1, size, size, 3)), train=False),
-        self._variables0)
-    return int(shapes["embedding"].shape[-1])
+    return int(self.spec.feature_dim)
 
   @property
   def compress_before_training(self) -> bool:
