@@ -127,6 +127,11 @@ def bench_model(name: str, batches, repeats: int, rows: list):
 
 
 def bench_train(name: str, bs: int, repeats: int, rows: list):
+  """One SGD step (forward + backward + update, BN in train mode), fgjax vs PyTorch.
+
+  Loss: mean of the squared pooled backbone features, the same in both frameworks.
+  Engines are timed interleaved, like the inference rows.
+  """
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(2)
   spec = models.get(name)
@@ -148,22 +153,30 @@ def bench_train(name: str, bs: int, repeats: int, rows: list):
     state["v"], l = step(state["v"], x)
     l.block_until_ready()
 
-  net = torch_model(name).train()
-  opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+  def torch_step(net, opt, xt):
+    def run():
+      opt.zero_grad()
+      feats = net.extract_features(xt) if hasattr(net, "extract_features") else \
+          net.features(xt)
+      loss = feats.mean((2, 3)).pow(2).mean()
+      loss.backward()
+      opt.step()
+    return run
+
   xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
-
-  def run_torch():
-    opt.zero_grad()
-    feats = net.extract_features(xt) if hasattr(net, "extract_features") else \
-        net.features(xt)
-    loss = feats.mean((2, 3)).pow(2).mean()
-    loss.backward()
-    opt.step()
-
-  t = timeit(run_jax, repeats)
-  rows.append((name, bs, "train step fgjax jit", t * 1e3, bs / t))
-  t = timeit(run_torch, repeats)
-  rows.append((name, bs, "train step PyTorch eager", t * 1e3, bs / t))
+  net = torch_model(name).train()
+  net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+  results = timeit_interleaved({
+      "train step fgjax jit": run_jax,
+      "train step PyTorch eager": torch_step(
+          net, torch.optim.SGD(net.parameters(), lr=1e-3), xt),
+      "train step PyTorch eager channels_last": torch_step(
+          net_cl, torch.optim.SGD(net_cl.parameters(), lr=1e-3),
+          xt.contiguous(memory_format=torch.channels_last)),
+  }, repeats, min_time=0.0)
+  for k, v in results.items():
+    rows.append((name, bs, k, v * 1e3, bs / v))
+    print(f"# {name} bs={bs} {k}: {v * 1e3:.1f} ms", flush=True)
 
 
 def main():
@@ -172,14 +185,18 @@ def main():
   parser.add_argument("--batches", default="1,32")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--no-train", action="store_true")
+  parser.add_argument("--no-inference", action="store_true")
+  parser.add_argument("--train-repeats", type=int, default=5)
   args = parser.parse_args()
   print("# uptime:", subprocess.run(["uptime"], capture_output=True, text=True)
         .stdout.strip())
   rows = []
   for name in args.models.split(","):
-    bench_model(name, [int(b) for b in args.batches.split(",")], args.repeats, rows)
+    if not args.no_inference:
+      bench_model(name, [int(b) for b in args.batches.split(",")], args.repeats, rows)
   if not args.no_train:
-    bench_train("efficientnet_lite0", 32, 3, rows)
+    for name in args.models.split(","):
+      bench_train(name, 32, args.train_repeats, rows)
   print("| model | batch | engine | ms / batch | images / s |")
   print("|---|---|---|---|---|")
   for name, bs, k, ms, ips in rows:

@@ -69,7 +69,7 @@ def test_onnx_export_emits_fusable_ops(name, activation, count):
   onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package")
   spec = models.get(name, include_top=True)
   module, folded = inference.fold(spec.module, spec.variables, spec.bn_epsilon)
-  model = inference.to_onnx(module.clone(depthwise_impl="lax"), folded, (1, 32, 32, 3))
+  model = inference.to_onnx(module.clone(conv_impl="lax"), folded, (1, 32, 32, 3))
   onnx.checker.check_model(model)
   ops = [n.op_type for n in model.graph.node]
   assert ops.count(activation) == count

@@ -127,6 +127,94 @@ def test_depthwise_shifted_matches_numpy(stride, pads):
   np.testing.assert_allclose(got, np.asarray(lax), rtol=1e-5, atol=1e-5)
 
 
+def _lax_depthwise(x, w, stride, pads):
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), pads,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize("size,kernel,stride,pads", [
+    ((7, 8), 3, 1, ((1, 1), (1, 1))), ((7, 8), 3, 2, ((0, 1), (1, 2))),
+    ((9, 9), 5, 2, ((1, 2), (1, 2))), ((6, 5), 5, 1, ((2, 2), (2, 2))),
+    ((8, 8), 3, 2, ((0, 1), (0, 1))), ((10, 7), 3, 3, ((0, 0), (1, 0)))])
+def test_depthwise_custom_vjp_matches_lax_gradients(size, kernel, stride, pads):
+  # The hand-written VJP (polyphase kernel gradient, dilated input gradient) against
+  # autodiff of XLA's grouped convolution, for odd/even sizes, TF-SAME asymmetric pads,
+  # strides 1-3 and a cotangent that is not all ones.
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, *size, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 4)), jnp.float32)
+  out = _lax_depthwise(x, w, stride, pads)
+  g = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  got_y, vjp = jax.vjp(lambda a, b: layers.depthwise_conv_shifted(a, b, stride, pads), x, w)
+  want_y, want_vjp = jax.vjp(lambda a, b: _lax_depthwise(a, b, stride, pads), x, w)
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.jit(vjp)(g), want_vjp(g)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_custom_vjp_second_order():
+  # grad-of-grad goes through the hand-written backward (it is plain JAX code).
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(1, 6, 6, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 1, 3)), jnp.float32)
+  pads = ((1, 1), (1, 1))
+
+  def gnorm(f, w):
+    return jnp.sum(jax.grad(lambda a: jnp.sum(f(a, w) ** 2))(x) ** 2)
+
+  got = jax.grad(lambda w: gnorm(lambda a, b: layers.depthwise_conv_shifted(
+      a, b, 1, pads), w))(w)
+  want = jax.grad(lambda w: gnorm(lambda a, b: _lax_depthwise(a, b, 1, pads), w))(w)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("stride,size", [(1, (5, 6)), (2, (7, 6))])
+def test_pointwise_conv_matches_lax_conv_and_its_gradients(stride, size):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, *size, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(1, 1, 5, 7)), jnp.float32)
+  lax_conv = lambda a, b: jax.lax.conv_general_dilated(  # noqa: E731
+      a, b, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  got_y, vjp = jax.vjp(lambda a, b: layers.pointwise_conv(a, b[0, 0], stride), x, w)
+  want_y, want_vjp = jax.vjp(lax_conv, x, w)
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(rng.normal(size=want_y.shape), jnp.float32)
+  for got, want in zip(vjp(g), want_vjp(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride,pads", [(2, ((0, 1), (0, 1))), (1, ((1, 1), (2, 0)))])
+def test_im2col_conv_matches_lax_conv_and_kernel_gradient(stride, pads):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 9, 8, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 6)), jnp.float32)
+  lax_conv = lambda a, b: jax.lax.conv_general_dilated(  # noqa: E731
+      a, b, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  got_y, vjp = jax.vjp(lambda a, b: layers.im2col_conv(a, b, stride, pads), x, w)
+  want_y, want_vjp = jax.vjp(lax_conv, x, w)
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(rng.normal(size=want_y.shape), jnp.float32)
+  for got, want in zip(vjp(g), want_vjp(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_conv_impl_lax_keeps_every_conv_a_convolution():
+  # The ONNX exporter translates conv_general_dilated; 'auto' turns 1x1 convs into dots.
+  conv = layers.Conv2D(8, 1)
+  x = jnp.ones((1, 4, 4, 3))
+  params = conv.init(jax.random.PRNGKey(0), x)
+  prims = lambda m: {e.primitive.name for e in  # noqa: E731
+                     jax.make_jaxpr(lambda v: m.apply(v, x))(params).jaxpr.eqns}
+  assert "dot_general" in prims(conv) and "conv_general_dilated" not in prims(conv)
+  lax_conv = layers.Conv2D(8, 1, conv_impl="lax")
+  assert "conv_general_dilated" in prims(lax_conv)
+  np.testing.assert_allclose(conv.apply(params, x), lax_conv.apply(params, x), rtol=1e-6)
+  with pytest.raises(ValueError, match="conv_impl='fast'"):
+    layers.Conv2D(8, 1, conv_impl="fast").apply(params, x)
+
+
 def test_max_pool_torch_ceil_mode_matches_numpy():
   x = np.arange(2 * 8 * 8 * 1, dtype=np.float32).reshape(2, 8, 8, 1)[:, ::-1]
   got = np.asarray(layers.max_pool_torch(jnp.asarray(x), 3, 2, ceil_mode=True))
@@ -136,6 +224,48 @@ def test_max_pool_torch_ceil_mode_matches_numpy():
     for j in range(4):
       np.testing.assert_array_equal(
           got[:, i, j, 0], x[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3, 0].max(axis=(1, 2)))
+
+
+def _numpy_max_pool_first_max(x, g, kernel, stride, padding, out_hw):
+  """Forward and PyTorch's gradient rule (first maximum in row-major window order)."""
+  n, h, w, c = x.shape
+  ho, wo = out_hw
+  y = np.zeros((n, ho, wo, c), x.dtype)
+  dx = np.zeros_like(x)
+  for b in range(n):
+    for ch in range(c):
+      for i in range(ho):
+        for j in range(wo):
+          best, arg = -np.inf, None
+          for di in range(kernel):
+            for dj in range(kernel):
+              r, q = i * stride - padding + di, j * stride - padding + dj
+              if 0 <= r < h and 0 <= q < w and x[b, r, q, ch] > best:
+                best, arg = x[b, r, q, ch], (r, q)
+          y[b, i, j, ch] = best
+          dx[b, arg[0], arg[1], ch] += g[b, i, j, ch]
+  return y, dx
+
+
+@pytest.mark.parametrize("size,padding,ceil_mode", [
+    ((8, 8), 0, True), ((9, 7), 0, True), ((9, 10), 1, False), ((8, 7), 0, False)])
+@pytest.mark.parametrize("impl", ["shifted", "lax"])
+def test_max_pool_torch_values_and_first_max_gradient(size, padding, ceil_mode, impl):
+  # Small integers make ties common, which is where the gradient rules differ: autodiff
+  # of a max chain splits ties, PyTorch (and the shifted VJP) route to the first one.
+  rng = np.random.default_rng(4)
+  x = rng.integers(0, 3, size=(2, *size, 3)).astype(np.float32)
+  y, vjp = jax.vjp(lambda a: layers.max_pool_torch(a, 3, 2, padding, ceil_mode, impl),
+                   jnp.asarray(x))
+  g = rng.normal(size=y.shape).astype(np.float32)
+  want_y, want_dx = _numpy_max_pool_first_max(x, g, 3, 2, padding, y.shape[1:3])
+  np.testing.assert_array_equal(np.asarray(y), want_y)
+  if impl == "shifted":
+    np.testing.assert_allclose(np.asarray(jax.jit(vjp)(jnp.asarray(g))[0]), want_dx,
+                               rtol=1e-6, atol=1e-6)
+  else:  # XLA's select_and_scatter picks some maximum: the total is what must agree.
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]).sum(), want_dx.sum(),
+                               rtol=1e-5)
 
 
 def test_fold_batch_norm_same_outputs():
@@ -205,3 +335,73 @@ def test_parity_torchvision(name, size, tmp_path):
   # The features (include_top=False) are the pooled input of the classifier.
   feats = models.get(name, pretrained=True, weights_path=path)
   assert "classifier" not in feats.variables["params"]
+
+
+def _torch_grads(torch, net, features, x, names):
+  """d mean(pooled features^2) / d (input, named params) in PyTorch, as NHWC/HWIO."""
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+  features(xt).mean((2, 3)).pow(2).mean().backward()
+  params = dict(net.named_parameters())
+  return (xt.grad.numpy().transpose(0, 2, 3, 1),
+          [params[n].grad.numpy().transpose(2, 3, 1, 0) for n in names])
+
+
+def _jax_grads(spec, x, paths):
+  def loss(params, x):
+    out = spec.module.apply({**spec.variables, "params": params}, x, train=False)
+    return jnp.mean(out ** 2)
+  gp, gx = jax.jit(jax.grad(loss, (0, 1)))(spec.variables["params"], jnp.asarray(x))
+  leaf = lambda tree, path: functools.reduce(lambda t, k: t[k], path, tree)  # noqa: E731
+  return np.asarray(gx), [np.asarray(leaf(gp, p)) for p in paths]
+
+
+def _assert_grads_close(got, want):
+  scale = np.abs(want).max()
+  assert scale > 0
+  assert np.abs(got - want).max() <= 1e-3 * scale, (np.abs(got - want).max(), scale)
+
+
+def test_gradient_parity_efficientnet_lite0_vs_reference():
+  # The CPU rewrites (custom-VJP depthwise, 1x1 as matmul, im2col stem) must give
+  # PyTorch's gradients: input gradient plus the stem, a strided 5x5 depthwise and a 1x1
+  # projection kernel. Eval-mode BN: the reference's train mode adds drop-connect noise.
+  torch = pytest.importorskip("torch", reason="PyTorch parity needs torch")
+  ref_lib = pytest.importorskip("efficientnet_lite_pytorch",
+                                reason="reference implementation not installed")
+  from fgjax.models import efficientnet_lite  # pylint: disable=g-import-not-at-top
+  net = ref_lib.EfficientNet.from_name("efficientnet-lite0")
+  net.load_state_dict(torch.load(efficientnet_lite.default_weights_path(),
+                                 map_location="cpu", weights_only=True))
+  net.eval()
+  spec = models.get("efficientnet_lite0", pretrained=True)
+  x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  want_x, want = _torch_grads(torch, net, net.extract_features, x, [
+      "_conv_stem.weight", "_blocks.3._depthwise_conv.weight",
+      "_blocks.5._project_conv.weight"])
+  got_x, got = _jax_grads(spec, x, [("stem", "conv", "kernel"),
+                                    ("block3", "depthwise", "conv", "kernel"),
+                                    ("block5", "project", "conv", "kernel")])
+  _assert_grads_close(got_x, want_x)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape
+    _assert_grads_close(g, w)
+
+
+def test_gradient_parity_squeezenet_vs_torchvision(tmp_path):
+  # Covers the max-pool VJP (PyTorch's first-maximum rule, ceil mode) and im2col stem.
+  torch = pytest.importorskip("torch", reason="PyTorch parity needs torch")
+  tv = pytest.importorskip("torchvision", reason="PyTorch parity needs torchvision")
+  torch.manual_seed(0)
+  net = tv.models.squeezenet1_1(weights=None).eval()
+  path = tmp_path / "squeezenet.pth"
+  torch.save(net.state_dict(), path)
+  spec = models.get("squeezenet1_1", pretrained=True, weights_path=path)
+  x = np.random.default_rng(1).normal(size=(2, 67, 67, 3)).astype(np.float32)
+  want_x, want = _torch_grads(torch, net, net.features, x, [
+      "features.0.weight", "features.3.squeeze.weight", "features.12.expand3x3.weight"])
+  got_x, got = _jax_grads(spec, x, [("conv1", "kernel"), ("fire3", "squeeze", "kernel"),
+                                    ("fire12", "expand3x3", "kernel")])
+  _assert_grads_close(got_x, want_x)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape
+    _assert_grads_close(g, w)

@@ -63,7 +63,7 @@ class MBConv(nn.Module):
   """Inverted residual block: 1x1 expand, depthwise kxk, 1x1 project (+ identity)."""
   args: BlockArgs
   fold_bn: bool = False
-  depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -71,7 +71,7 @@ class MBConv(nn.Module):
     a = self.args
     unit = lambda f, k, s=1, g=1, name=None: layers.ConvBN(  # noqa: E731
         f, k, s, "tf_same", g, BN_MOMENTUM, BN_EPSILON, self.fold_bn,
-        self.depthwise_impl, self.dtype, name=name)
+        self.conv_impl, self.dtype, name=name)
     y = x
     hidden = a.cin * a.expand
     if a.expand != 1:
@@ -91,12 +91,12 @@ class EfficientNetLite0(nn.Module):
     include_top: return ImageNet logits (dropout 0.2 + Dense 1000; needs a 'dropout' rng
       when train=True) instead of pooled features.
     fold_bn: BN folded into convolutions (inference only; see fgjax.models.inference).
-    depthwise_impl: see layers.Conv2D.
+    conv_impl: see layers.Conv2D.
     dtype: computation dtype (params stay float32).
   """
   include_top: bool = False
   fold_bn: bool = False
-  depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -104,10 +104,10 @@ class EfficientNetLite0(nn.Module):
     layers.check_images(x, "EfficientNetLite0")
     unit = lambda f, k, s, name: layers.ConvBN(  # noqa: E731
         f, k, s, "tf_same", 1, BN_MOMENTUM, BN_EPSILON, self.fold_bn,
-        self.depthwise_impl, self.dtype, name=name)
+        self.conv_impl, self.dtype, name=name)
     x = layers.relu6(unit(32, 3, 2, "stem")(x, train))
     for i, a in enumerate(block_args()):
-      x = MBConv(a, self.fold_bn, self.depthwise_impl, self.dtype, name=f"block{i}")(
+      x = MBConv(a, self.fold_bn, self.conv_impl, self.dtype, name=f"block{i}")(
           x, train)
     x = layers.relu6(unit(FEATURE_DIM, 1, 1, "head")(x, train))
     x = layers.global_avg_pool(x)

@@ -30,16 +30,16 @@ def fold(module: nn.Module, variables: dict[str, Any],
   """The inference-only twin of a backbone: BN folded, depthwise as shifted MACs.
 
   Args:
-    module: a registry backbone (has `fold_bn` and `depthwise_impl` attributes).
+    module: a registry backbone (has `fold_bn` and `conv_impl` attributes).
     variables: its {'params', 'batch_stats'}.
     bn_epsilon: the backbone's BN epsilon (spec.bn_epsilon); None if it has no BN.
 
   Returns:
-    (module with fold_bn=True and depthwise_impl='shifted', {'params': folded}).
+    (module with fold_bn=True and conv_impl='shifted', {'params': folded}).
   """
-  if not (hasattr(module, "fold_bn") and hasattr(module, "depthwise_impl")):
+  if not (hasattr(module, "fold_bn") and hasattr(module, "conv_impl")):
     raise TypeError(f"{type(module).__name__} is not a fgjax.models backbone (it has no "
-                    "fold_bn / depthwise_impl attributes); pass fold_bn=False.")
+                    "fold_bn / conv_impl attributes); pass fold_bn=False.")
   if variables.get("batch_stats"):
     if bn_epsilon is None:
       raise ValueError("variables have batch_stats but bn_epsilon is None.")
@@ -47,7 +47,7 @@ def fold(module: nn.Module, variables: dict[str, Any],
   else:
     folded = {"params": variables["params"]}
   folded = jax.tree.map(jnp.asarray, folded)
-  return module.clone(fold_bn=True, depthwise_impl="shifted"), folded
+  return module.clone(fold_bn=True, conv_impl="shifted"), folded
 
 
 def _resolve(spec_or_module: Any, variables: Optional[dict[str, Any]], batch_size: int,
@@ -411,7 +411,7 @@ def make_onnx_predictor(spec_or_module: Any, variables: Optional[dict[str, Any]]
   module, variables, bn_epsilon = _resolve(spec_or_module, variables, batch_size,
                                            bn_epsilon)
   module, variables = fold(module, variables, bn_epsilon)
-  module = module.clone(depthwise_impl="lax")  # ONNX Conv(group=C)
+  module = module.clone(conv_impl="lax")  # ONNX Conv(group=C)
   sessions = {}
 
   def session(hw):

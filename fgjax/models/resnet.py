@@ -36,13 +36,14 @@ class Block(nn.Module):
   stride: int
   bottleneck: bool
   fold_bn: bool = False
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     unit = lambda f, k, s, p, name: layers.ConvBN(  # noqa: E731
-        f, k, s, p, 1, BN_MOMENTUM, BN_EPSILON, self.fold_bn, dtype=self.dtype,
-        name=name)
+        f, k, s, p, 1, BN_MOMENTUM, BN_EPSILON, self.fold_bn, self.conv_impl,
+        self.dtype, name=name)
     if self.bottleneck:
       out_width = 4 * self.width
       y = nn.relu(unit(self.width, 1, 1, 0, "conv1")(x, train))
@@ -60,12 +61,13 @@ class Block(nn.Module):
 class ResNet(nn.Module):
   """(N, H, W, 3) -> (N, 512 | 2048) pooled features, or (N, 1000) logits.
 
-  `depthwise_impl` is accepted for a uniform interface (no depthwise convs here).
+  `conv_impl`: see layers.Conv2D (ResNet has no depthwise convs; it picks how the 1x1
+  convolutions run).
   """
   depth: int = 18
   include_top: bool = False
   fold_bn: bool = False
-  depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -74,12 +76,13 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet depth={self.depth}: expected one of {DEPTHS}.")
     layers.check_images(x, f"ResNet{self.depth}")
     x = nn.relu(layers.ConvBN(64, 7, 2, 3, 1, BN_MOMENTUM, BN_EPSILON, self.fold_bn,
-                              dtype=self.dtype, name="stem")(x, train))
-    x = layers.max_pool_torch(x, 3, 2, padding=1)
+                              self.conv_impl, self.dtype, name="stem")(x, train))
+    x = layers.max_pool_torch(x, 3, 2, padding=1, impl=self.conv_impl)
     for s, n in enumerate(_LAYOUT[self.depth]):
       for b in range(n):
         x = Block(64 * 2**s, 2 if (b == 0 and s > 0) else 1, _BOTTLENECK[self.depth],
-                  self.fold_bn, self.dtype, name=f"layer{s + 1}_{b}")(x, train)
+                  self.fold_bn, self.conv_impl, self.dtype,
+                  name=f"layer{s + 1}_{b}")(x, train)
     x = layers.global_avg_pool(x)
     if self.include_top:
       x = nn.Dense(1000, dtype=self.dtype, name="classifier")(x)

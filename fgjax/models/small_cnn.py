@@ -26,14 +26,15 @@ class SmallCNN(nn.Module):
   include_top: bool = False
   num_classes: int = 1000
   fold_bn: bool = False
-  depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     layers.check_images(x, "SmallCNN", min_side=4)
     for i, width in enumerate(WIDTHS):
-      x = nn.relu(layers.ConvBN(width, 3, 1, 1, folded=self.fold_bn, dtype=self.dtype,
+      x = nn.relu(layers.ConvBN(width, 3, 1, 1, folded=self.fold_bn,
+                                conv_impl=self.conv_impl, dtype=self.dtype,
                                 name=f"stage{i}")(x, train))
       if i < len(WIDTHS) - 1 and min(x.shape[1:3]) > 4:
         x = nn.max_pool(x, (2, 2), (2, 2))

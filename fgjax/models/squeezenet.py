@@ -31,12 +31,14 @@ class Fire(nn.Module):
   squeeze: int
   expand1x1: int
   expand3x3: int
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     conv = lambda f, k, p, name: layers.Conv2D(  # noqa: E731
-        f, k, 1, p, use_bias=True, dtype=self.dtype, name=name)
+        f, k, 1, p, use_bias=True, conv_impl=self.conv_impl, dtype=self.dtype,
+        name=name)
     x = nn.relu(conv(self.squeeze, 1, 0, "squeeze")(x))
     return jnp.concatenate([nn.relu(conv(self.expand1x1, 1, 0, "expand1x1")(x)),
                             nn.relu(conv(self.expand3x3, 3, 1, "expand3x3")(x))], -1)
@@ -45,29 +47,31 @@ class Fire(nn.Module):
 class SqueezeNet11(nn.Module):
   """(N, H, W, 3), H, W >= 32 -> (N, 512) pooled features, or (N, 1000) logits.
 
-  `fold_bn` and `depthwise_impl` are accepted for a uniform interface (no BN here).
+  `fold_bn` is accepted for a uniform interface (no BN here); `conv_impl`: see
+  layers.Conv2D (it picks how the 1x1 convolutions run).
   With include_top and train=True the classifier dropout needs a 'dropout' rng.
   """
   include_top: bool = False
   fold_bn: bool = False
-  depthwise_impl: str = "auto"
+  conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     layers.check_images(x, "SqueezeNet11", min_side=32)
-    x = nn.relu(layers.Conv2D(64, 3, 2, 0, use_bias=True, dtype=self.dtype,
-                              name="conv1")(x))
-    x = layers.max_pool_torch(x, 3, 2, ceil_mode=True)
+    x = nn.relu(layers.Conv2D(64, 3, 2, 0, use_bias=True, conv_impl=self.conv_impl,
+                              dtype=self.dtype, name="conv1")(x))
+    x = layers.max_pool_torch(x, 3, 2, ceil_mode=True, impl=self.conv_impl)
     for idx, widths in _FIRES.items():
-      x = Fire(*widths, dtype=self.dtype, name=f"fire{idx}")(x)
+      x = Fire(*widths, conv_impl=self.conv_impl, dtype=self.dtype,
+               name=f"fire{idx}")(x)
       if idx in _POOL_AFTER:
-        x = layers.max_pool_torch(x, 3, 2, ceil_mode=True)
+        x = layers.max_pool_torch(x, 3, 2, ceil_mode=True, impl=self.conv_impl)
     if not self.include_top:
       return layers.global_avg_pool(x)
     x = nn.Dropout(DROPOUT, deterministic=not train)(x)
-    x = nn.relu(layers.Conv2D(1000, 1, 1, 0, use_bias=True, dtype=self.dtype,
-                              kernel_init=nn.initializers.normal(0.01),
+    x = nn.relu(layers.Conv2D(1000, 1, 1, 0, use_bias=True, conv_impl=self.conv_impl,
+                              dtype=self.dtype, kernel_init=nn.initializers.normal(0.01),
                               name="classifier")(x))
     return layers.global_avg_pool(x)
 
