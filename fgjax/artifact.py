@@ -24,6 +24,7 @@ import numpy as np
 from fgjax import impostors as impostors_lib
 from fgjax import quantize
 from fgjax.models import heads
+from fgjax.models import xla_cpu
 
 FORMAT_VERSION = 1
 
@@ -120,7 +121,7 @@ class Model:
     self.std = np.asarray(self.meta["std"], np.float32)
     self.engine = engine
     if engine == "jit":
-      self._forward = jax.jit(lambda v, x: self.net.apply(v, x, train=False))
+      self._forward = xla_cpu.jit(lambda v, x: self.net.apply(v, x, train=False))
     else:
       from fgjax.models import inference  # pylint: disable=g-import-not-at-top
       backbone_vars = {"params": self.variables["params"]["backbone"]}

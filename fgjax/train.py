@@ -40,6 +40,7 @@ from fgjax import parallel
 from fgjax import quantize
 from fgjax import schemes
 from fgjax.models import heads
+from fgjax.models import xla_cpu
 
 State = dict[str, Any]
 
@@ -212,7 +213,7 @@ class Trainer:
     self.frozen = _frozen_stages(config, self.spec)
     self._variables0 = variables
     repl = parallel.replicated(self.mesh)
-    self._forward = jax.jit(
+    self._forward = xla_cpu.jit(
         lambda v, x: self.net.apply(v, x, train=False), out_shardings=repl)
     self._heads = jax.jit(
         lambda v, f: self.net.apply(v, f, method=heads.ImpostorNet.heads),
@@ -411,11 +412,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     state = trainer.initial_state(with_impostors=True)
   step = int(state["step"])
 
-  update = jax.jit(make_update_fn(trainer.net, trainer.scheme, trainer.tx,
-                                  float(config.impostors.sigma), trainer.backbone_train,
-                                  trainer.from_features, trainer.aux,
-                                  trainer.frozen),
-                   donate_argnums=(0,))
+  update = xla_cpu.jit(make_update_fn(trainer.net, trainer.scheme, trainer.tx,
+                                      float(config.impostors.sigma),
+                                      trainer.backbone_train, trainer.from_features,
+                                      trainer.aux, trainer.frozen),
+                       donate_argnums=(0,))
   batches = (trainer._cached_feature_batches(step) if trainer.from_features
              else trainer._iterator(trainer.splits.train, train=True, start_step=step))
   reset_period = trainer.scheme.reset_every_epochs * trainer.steps_per_epoch

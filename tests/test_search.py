@@ -232,7 +232,14 @@ K = 64
 ])
 def test_rbf_rule_same_top1_through_scann_knn_as_exact_all_impostors(
     scann_options):
-  """Tolerance: >= 99% top-1 agreement and max |dp| <= 1e-3, k = 64."""
+  """Tolerance: >= 99% top-1 agreement; |dp| <= 1e-3 for every query (brute force) or
+  for >= 99% of queries (tree + AH), k = 64.
+
+  Why not every query for the tree: ScaNN's tree training is not reproducible under CPU
+  load (seen once in a parallel test run, and reproduced under load: one build in six
+  missed a near impostor of one query, |dp| = 0.04, top-1 unchanged); unloaded, repeated
+  builds give max |dp| = 3e-8.
+  """
   pytest.importorskip("scann", reason="ScaNN backend needs the scann package")
   centers, labels, queries = _impostor_problem()
   full = _np_rbf_probs(_ref_sq_dists(queries, centers), labels[None, :], SIGMA, C)
@@ -246,9 +253,13 @@ def test_rbf_rule_same_top1_through_scann_knn_as_exact_all_impostors(
   sq, idx = index.search(queries, K)
   knn = _np_rbf_probs(sq, labels[np.asarray(idx)], SIGMA, C)
   agreement = np.mean(knn.argmax(1) == full.argmax(1))
-  max_dp = np.abs(knn - full).max()
+  dp = np.abs(knn - full).max(axis=1)
   assert agreement >= 0.99, agreement
-  assert max_dp <= 1e-3, max_dp
+  if index.brute_force:
+    assert dp.max() <= 1e-3, dp.max()
+  else:
+    assert np.mean(dp <= 1e-3) >= 0.99, np.sort(dp)[-5:]
+    assert dp.max() <= 0.1, dp.max()
 
 
 def test_classify_uses_impostors_rule():

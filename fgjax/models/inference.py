@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgjax.models import layers
+from fgjax.models import xla_cpu
 
 
 def fold(module: nn.Module, variables: dict[str, Any],
@@ -105,7 +106,8 @@ def make_cpu_predictor(spec_or_module: Any, variables: Optional[dict[str, Any]] 
     module, variables = fold(module, variables, bn_epsilon)
   device = device or jax.devices("cpu")[0]
   variables = jax.device_put(variables, device)
-  forward = jax.jit(lambda v, x: module.apply(v, x, train=False))
+  forward = jax.jit(lambda v, x: module.apply(v, x, train=False),
+                    compiler_options=xla_cpu.compiler_options(device.platform))
 
   def predict(images: Any) -> np.ndarray:
     images = np.asarray(images)
