@@ -114,14 +114,19 @@ class NeighborIndex(abc.ABC):
         clamped at >= 0.
       indices: (B, k) int32 row indices into the centers.
     """
+    sq, idx = self.neighbors(queries, k)
+    return jnp.asarray(sq), jnp.asarray(idx)
+
+  def neighbors(self, queries: Any, k: int) -> tuple[Any, Any]:
+    """`search`, returning the backend's own arrays (NumPy for ScaNN, jax for exact)."""
     queries = self._check_queries(queries)
     k = _check_k(k, self._size)
     if queries.shape[0] == 0:
-      return (jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32))
+      return (np.zeros((0, k), np.float32), np.zeros((0, k), np.int32))
     return self._search(queries, k)
 
   @abc.abstractmethod
-  def _search(self, queries: Any, k: int) -> tuple[jax.Array, jax.Array]:
+  def _search(self, queries: Any, k: int) -> tuple[Any, Any]:
     ...
 
   def __repr__(self) -> str:
@@ -363,7 +368,9 @@ class ScannIndex(NeighborIndex):
     order = np.argsort(sq, axis=1, kind="stable")
     sq = np.take_along_axis(sq, order, axis=1)
     idx = np.take_along_axis(idx, order, axis=1)
-    return jnp.asarray(sq), jnp.asarray(idx)
+    # NumPy out: a jitted consumer takes it directly, cheaper than jnp.asarray first
+    # (about 35 us of the 0.25 ms of a batch-1 query at M = 100k).
+    return sq, idx
 
 
 # ----------------------------------------------------------------------------
@@ -425,7 +432,7 @@ class NeighborClassifier:
 
   def __call__(self, queries: Any) -> jax.Array:
     """(B, C) float32 log-probabilities (-inf for classes with no neighbour)."""
-    sq_dists, idx = self.index.search(queries, self.k)
+    sq_dists, idx = self.index.neighbors(queries, self.k)
     return self._rule(sq_dists, idx, self._labels, self._sigma,
                       num_classes=self.num_classes)
 

@@ -349,3 +349,16 @@ def test_missing_scann_gives_install_advice(monkeypatch):
   monkeypatch.setitem(sys.modules, "scann.scann_ops.py", None)
   with pytest.raises(ImportError, match="pip install scann"):
     search.build_index(np.zeros((4, 2), np.float32), "scann")
+
+
+def test_neighbors_returns_backend_arrays_equal_to_search():
+  pytest.importorskip("scann", reason="ScaNN backend needs the scann package")
+  centers, _, queries = _impostor_problem(m=600, d=16, b=7)
+  for backend, kind in (("scann", np.ndarray), ("exact", jax.Array)):
+    index = search.build_index(centers, backend)
+    sq, idx = index.neighbors(queries, 5)
+    assert isinstance(sq, kind) and isinstance(idx, kind)
+    want_sq, want_idx = index.search(queries, 5)
+    assert isinstance(want_sq, jax.Array)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+    np.testing.assert_array_equal(np.asarray(sq), np.asarray(want_sq))
