@@ -85,7 +85,7 @@ def make_cpu_predictor(spec_or_module: Any, variables: Optional[dict[str, Any]] 
     device: where to run; default the first CPU device.
     engine: 'xla' (jit on `device`) or 'onnx' (the `make_onnx_predictor` export run by
       onnxruntime on the host CPU; needs `onnx` + `onnxruntime`, fold_bn=True and no
-      `device`). On a 2-core CPU 'onnx' was 1.6-2.4x faster than 'xla' for
+      `device`). On a 2-core CPU 'onnx' was 1.7-2.4x faster than 'xla' for
       EfficientNet-Lite0 / SqueezeNet at batch 1 and 32 (benchmarks/RESULTS_inference.md).
 
   Returns:
