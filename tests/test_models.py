@@ -185,21 +185,6 @@ def test_pointwise_conv_matches_lax_conv_and_its_gradients(stride, size):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("stride,pads", [(2, ((0, 1), (0, 1))), (1, ((1, 1), (2, 0)))])
-def test_im2col_conv_matches_lax_conv_and_kernel_gradient(stride, pads):
-  rng = np.random.default_rng(5)
-  x = jnp.asarray(rng.normal(size=(2, 9, 8, 3)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(3, 3, 3, 6)), jnp.float32)
-  lax_conv = lambda a, b: jax.lax.conv_general_dilated(  # noqa: E731
-      a, b, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  got_y, vjp = jax.vjp(lambda a, b: layers.im2col_conv(a, b, stride, pads), x, w)
-  want_y, want_vjp = jax.vjp(lax_conv, x, w)
-  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
-  g = jnp.asarray(rng.normal(size=want_y.shape), jnp.float32)
-  for got, want in zip(vjp(g), want_vjp(g)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-
-
 def test_conv_impl_lax_keeps_every_conv_a_convolution():
   # The ONNX exporter translates conv_general_dilated; 'auto' turns 1x1 convs into dots.
   conv = layers.Conv2D(8, 1)
@@ -362,7 +347,7 @@ def _assert_grads_close(got, want):
 
 
 def test_gradient_parity_efficientnet_lite0_vs_reference():
-  # The CPU rewrites (custom-VJP depthwise, 1x1 as matmul, im2col stem) must give
+  # The CPU rewrites (custom-VJP depthwise, 1x1 as matmul) must give
   # PyTorch's gradients: input gradient plus the stem, a strided 5x5 depthwise and a 1x1
   # projection kernel. Eval-mode BN: the reference's train mode adds drop-connect noise.
   torch = pytest.importorskip("torch", reason="PyTorch parity needs torch")
@@ -388,7 +373,7 @@ def test_gradient_parity_efficientnet_lite0_vs_reference():
 
 
 def test_gradient_parity_squeezenet_vs_torchvision(tmp_path):
-  # Covers the max-pool VJP (PyTorch's first-maximum rule, ceil mode) and im2col stem.
+  # Covers the max-pool VJP (PyTorch's first-maximum rule, ceil mode).
   torch = pytest.importorskip("torch", reason="PyTorch parity needs torch")
   tv = pytest.importorskip("torchvision", reason="PyTorch parity needs torchvision")
   torch.manual_seed(0)

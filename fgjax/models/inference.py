@@ -86,7 +86,7 @@ def make_cpu_predictor(spec_or_module: Any, variables: Optional[dict[str, Any]] 
     engine: 'xla' (jit on `device`) or 'onnx' (the `make_onnx_predictor` export run by
       onnxruntime on the host CPU; needs `onnx` + `onnxruntime`, fold_bn=True and no
       `device`). On a 2-core CPU 'onnx' was 1.7-2.4x faster than 'xla' for
-      EfficientNet-Lite0 / SqueezeNet at batch 1 and 32 (benchmarks/RESULTS_inference.md).
+      EfficientNet-Lite0 / SqueezeNet at batch 1 and 32 (BENCHMARKS.md section 3).
 
   Returns:
     predict(images): images (N, H, W, 3) float32, normalised like spec.mean/std ->

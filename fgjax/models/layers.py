@@ -14,7 +14,6 @@ ceil-mode pooling) while staying fast on XLA:CPU:
 * An unpadded 1x1 `Conv2D` is a matmul over (N*H*W, C) (`pointwise_conv`): XLA:CPU runs
   1x1 convolutions and their gradients through generic convolution kernels plus
   transposes, 3-10x slower than the GEMM.
-* On CPU a stem convolution (<= 4 input channels) is an im2col matmul (`im2col_conv`).
 * Max pooling on CPU is a max over shifted slices with a hand-written gradient
   (`max_pool_torch`), since XLA:CPU's select-and-scatter is slow.
 * `conv_impl='lax'` turns these rewrites off (every convolution is one
@@ -217,35 +216,6 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Arra
   return y.reshape(n, h, w, kernel.shape[-1])
 
 
-def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int,
-                pads: Sequence[tuple[int, int]]) -> jax.Array:
-  """Dense convolution as one matmul over k*k stacked shifted slices (im2col).
-
-  Args:
-    x: (N, H, W, C) input; kernel: (kh, kw, C, O) HWIO; stride; pads as
-      depthwise_conv_shifted.
-
-  Returns:
-    (N, Ho, Wo, O), equal to lax.conv_general_dilated.
-
-  Why: used on CPU for stems (C <= 4 input channels), where XLA:CPU's convolution
-  kernel and above all its weight gradient are slow for so few channels: a 3x3/2 stem on
-  32 images of 224x224, forward + weight gradient, 3 -> 64 channels 225 -> 134 ms and
-  3 -> 32 channels 112 -> 74 ms on the 2-core VM. For wider inputs the stacked patches
-  cost more memory traffic than they save (measured, not used there).
-  """
-  kh, kw, c, o = kernel.shape
-  xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-  ho = (xp.shape[1] - kh) // stride + 1
-  wo = (xp.shape[2] - kw) // stride + 1
-  taps = [jax.lax.slice(xp, (0, i, j, 0),
-                        (xp.shape[0], i + (ho - 1) * stride + 1,
-                         j + (wo - 1) * stride + 1, c), (1, stride, stride, 1))
-          for i in range(kh) for j in range(kw)]
-  patches = jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * c)
-  return jnp.dot(patches, kernel.reshape(kh * kw * c, o)).reshape(x.shape[0], ho, wo, o)
-
-
 def use_shifted_kernels(impl: str) -> bool:
   if impl == "auto":
     return jax.default_backend() == "cpu"
@@ -298,8 +268,6 @@ class Conv2D(nn.Module):
     elif (k == 1 and not depthwise and self.conv_impl != "lax"
           and not any(map(any, pads))):
       y = pointwise_conv(x, kernel[0, 0], self.strides)
-    elif shifted and not depthwise and k > 1 and cin <= 4:
-      y = im2col_conv(x, kernel, self.strides, pads)
     else:
       y = jax.lax.conv_general_dilated(
           x, kernel, (self.strides, self.strides), pads,
