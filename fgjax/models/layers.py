@@ -63,21 +63,29 @@ def _pads(padding: Padding, shape: Sequence[int], kernel: int,
   return [(padding, padding), (padding, padding)]
 
 
+def _shifted_slices(xp: jax.Array, kh: int, kw: int, stride: int,
+                    out_hw: tuple[int, int]):
+  """Yields ((i, j), tap) for the kh*kw window taps of padded xp: the (N, Ho, Wo, C)
+  strided slice starting at row i, column j. `_add_taps` is its transpose."""
+  ho, wo = out_hw
+  for i in range(kh):
+    for j in range(kw):
+      yield (i, j), jax.lax.slice(
+          xp, (0, i, j, 0),
+          (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
+           xp.shape[3]),
+          (1, stride, stride, 1))
+
+
 def _depthwise_forward(x: jax.Array, kernel: jax.Array, stride: int,
                        pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
   kh, kw = kernel.shape[:2]
   x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  ho = (x.shape[1] - kh) // stride + 1
-  wo = (x.shape[2] - kw) // stride + 1
+  out_hw = ((x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1)
   out = None
-  for i in range(kh):
-    for j in range(kw):
-      tap = jax.lax.slice(
-          x, (0, i, j, 0),
-          (x.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, x.shape[3]),
-          (1, stride, stride, 1))
-      term = tap * kernel[i, j, 0]
-      out = term if out is None else out + term
+  for (i, j), tap in _shifted_slices(x, kh, kw, stride, out_hw):
+    term = tap * kernel[i, j, 0]
+    out = term if out is None else out + term
   return out
 
 
@@ -312,13 +320,8 @@ class ConvBN(nn.Module):
 def _max_pool_taps(x, kernel, stride, pads, out_hw):
   lowest = jnp.array(-jnp.inf, x.dtype)
   xp = jax.lax.pad(x, lowest, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-  ho, wo = out_hw
-  for i in range(kernel):
-    for j in range(kernel):
-      yield jax.lax.slice(xp, (0, i, j, 0),
-                          (xp.shape[0], i + (ho - 1) * stride + 1,
-                           j + (wo - 1) * stride + 1, xp.shape[3]),
-                          (1, stride, stride, 1))
+  for _, tap in _shifted_slices(xp, kernel, kernel, stride, out_hw):
+    yield tap
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
