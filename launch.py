@@ -19,6 +19,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and results.json; a run "
     "started again with the same workdir resumes.")
+_RETAIN_FREED_MEMORY = flags.DEFINE_bool(
+    "retain_freed_memory", True, "Let glibc malloc keep freed large blocks for reuse "
+    "(fgjax.host_memory): XLA:CPU's per-step buffers then stop page-faulting, about "
+    "0.1 s of a 0.6 s SqueezeNet train step. Process-wide; no-op off glibc.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,6 +36,10 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _RETAIN_FREED_MEMORY.value:
+    # First thing: it only reaches threads that have not allocated yet.
+    from fgjax import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.retain_freed_memory()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from fgjax import train  # Imported after flag parsing so --help stays fast.
   results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -5,16 +5,25 @@ Run (serialised with other engineers' timing runs):
 
 Models: EfficientNet-Lite0 and SqueezeNet 1.1 at 224x224, batch 1 and 32, 2 threads.
 The VM has 2 cores, so XLA:CPU also uses 2 threads.
+
+--retain-freed-memory applies fgjax.host_memory.retain_freed_memory() (glibc malloc
+keeps freed large blocks) before anything else starts, as launch.py does. It is
+process-wide, so it applies to every engine in the run alike.
 """
 
 import os
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if "--retain-freed-memory" in sys.argv:  # before any thread allocates
+  from fgjax import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
+  if not host_memory.retain_freed_memory():
+    raise SystemExit("--retain-freed-memory: this C library is not glibc.")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -22,7 +31,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fgjax import models  # noqa: E402
 from fgjax.models import inference  # noqa: E402
 from fgjax.models import xla_cpu  # noqa: E402
@@ -208,9 +216,12 @@ def main():
   parser.add_argument("--no-train", action="store_true")
   parser.add_argument("--no-inference", action="store_true")
   parser.add_argument("--train-repeats", type=int, default=4)
+  parser.add_argument("--retain-freed-memory", action="store_true",
+                      help="glibc malloc keeps freed blocks (applied at import time)")
   args = parser.parse_args()
   print("# uptime:", subprocess.run(["uptime"], capture_output=True, text=True)
         .stdout.strip())
+  print("# retain_freed_memory:", args.retain_freed_memory)
   rows = []
   for name in args.models.split(","):
     if not args.no_inference:

@@ -2,12 +2,14 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fgjax import models
+from fgjax.models import cpu_ops
 from fgjax.models import layers
 
 
@@ -110,7 +112,7 @@ def test_depthwise_shifted_matches_numpy(stride, pads):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 7, 8, 5)).astype(np.float32)
   w = rng.normal(size=(3, 3, 1, 5)).astype(np.float32)
-  got = np.asarray(layers.depthwise_conv_shifted(jnp.asarray(x), jnp.asarray(w),
+  got = np.asarray(cpu_ops.depthwise_conv_shifted(jnp.asarray(x), jnp.asarray(w),
                                                  stride, pads))
   xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   ho = (xp.shape[1] - 3) // stride + 1
@@ -146,7 +148,7 @@ def test_depthwise_custom_vjp_matches_lax_gradients(size, kernel, stride, pads):
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 4)), jnp.float32)
   out = _lax_depthwise(x, w, stride, pads)
   g = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
-  got_y, vjp = jax.vjp(lambda a, b: layers.depthwise_conv_shifted(a, b, stride, pads), x, w)
+  got_y, vjp = jax.vjp(lambda a, b: cpu_ops.depthwise_conv_shifted(a, b, stride, pads), x, w)
   want_y, want_vjp = jax.vjp(lambda a, b: _lax_depthwise(a, b, stride, pads), x, w)
   np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
   for got, want in zip(jax.jit(vjp)(g), want_vjp(g)):
@@ -164,7 +166,7 @@ def test_depthwise_custom_vjp_second_order():
   def gnorm(f, w):
     return jnp.sum(jax.grad(lambda a: jnp.sum(f(a, w) ** 2))(x) ** 2)
 
-  got = jax.grad(lambda w: gnorm(lambda a, b: layers.depthwise_conv_shifted(
+  got = jax.grad(lambda w: gnorm(lambda a, b: cpu_ops.depthwise_conv_shifted(
       a, b, 1, pads), w))(w)
   want = jax.grad(lambda w: gnorm(lambda a, b: _lax_depthwise(a, b, 1, pads), w))(w)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
@@ -177,7 +179,7 @@ def test_pointwise_conv_matches_lax_conv_and_its_gradients(stride, size):
   w = jnp.asarray(rng.normal(size=(1, 1, 5, 7)), jnp.float32)
   lax_conv = lambda a, b: jax.lax.conv_general_dilated(  # noqa: E731
       a, b, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  got_y, vjp = jax.vjp(lambda a, b: layers.pointwise_conv(a, b[0, 0], stride), x, w)
+  got_y, vjp = jax.vjp(lambda a, b: cpu_ops.pointwise_conv(a, b[0, 0], stride), x, w)
   want_y, want_vjp = jax.vjp(lax_conv, x, w)
   np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
   g = jnp.asarray(rng.normal(size=want_y.shape), jnp.float32)
@@ -251,6 +253,57 @@ def test_max_pool_torch_values_and_first_max_gradient(size, padding, ceil_mode, 
   else:  # XLA's select_and_scatter picks some maximum: the total is what must agree.
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]).sum(), want_dx.sum(),
                                rtol=1e-5)
+
+
+def _conv_then_max_pool(x, k, conv_stride, conv_pads, pool, stride, padding, ceil):
+  y = jax.lax.conv_general_dilated(x, k, (conv_stride, conv_stride), conv_pads,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  pads, _ = cpu_ops.pool_geometry(y.shape[1:3], pool, stride, padding, ceil)
+  return nn.max_pool(y, (pool, pool), (stride, stride), padding=pads)
+
+
+@pytest.mark.parametrize("hw,cin,cout,kernel,conv_stride,conv_pads,pool,stride,pad,ceil", [
+    ((23, 24), 3, 8, 3, 2, ((0, 0), (0, 0)), 3, 2, 0, True),    # SqueezeNet stem
+    ((32, 33), 3, 5, 7, 2, ((3, 3), (3, 3)), 3, 2, 1, False),   # ResNet-style stem
+    ((19, 20), 4, 6, 3, 1, ((1, 1), (1, 1)), 2, 2, 0, False),
+    ((20, 21), 2, 3, 3, 1, ((1, 1), (1, 1)), 3, 1, 1, False),   # stride-1 pool
+    ((17, 18), 3, 4, 5, 3, ((2, 1), (0, 2)), 3, 2, 0, True)])   # odd stride and pads
+def test_conv_max_pool_values_and_gradients(hw, cin, cout, kernel, conv_stride,
+                                            conv_pads, pool, stride, pad, ceil):
+  # The fused VJP (per-phase im2col GEMMs) against autodiff of lax conv +
+  # reduce_window; continuous random values make ties (where rules differ) absent.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, *hw, cin)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.float32)
+  args = (conv_stride, conv_pads, pool, stride, pad, ceil)
+  y, vjp = jax.vjp(lambda a, b: cpu_ops.conv_max_pool(a, b, *args), x, k)
+  want_y, want_vjp = jax.vjp(lambda a, b: _conv_then_max_pool(a, b, *args), x, k)
+  assert y.shape == want_y.shape
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(want_y))
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  for got, want in zip(jax.jit(vjp)(g), want_vjp(g)):
+    scale = float(jnp.abs(want).max())
+    assert scale > 1.0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5 * scale)
+
+
+def test_conv_relu_max_pool_shifted_equals_lax_order():
+  # relu(conv_max_pool + b) on CPU must equal max_pool(relu(conv + b)), values and
+  # parameter gradients, with a bias that makes some windows all-negative.
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 21, 19, 3)), jnp.float32)
+  make = lambda impl: layers.ConvReluMaxPool(  # noqa: E731
+      6, 3, 2, 0, pool_kernel=3, pool_stride=2, ceil_mode=True, conv_impl=impl)
+  params = make("lax").init(jax.random.PRNGKey(0), x)
+  params["params"]["bias"] = jnp.linspace(-2.0, 1.0, 6)
+  loss = lambda impl: lambda p: jnp.sum(make(impl).apply(p, x) ** 2)  # noqa: E731
+  outs = {impl: jax.jit(make(impl).apply)(params, x) for impl in ("shifted", "lax")}
+  assert float((outs["lax"] == 0).mean()) > 0.1  # the ReLU is active somewhere
+  np.testing.assert_allclose(outs["shifted"], outs["lax"], rtol=1e-6, atol=1e-6)
+  grads = {impl: jax.grad(loss(impl))(params)["params"] for impl in ("shifted", "lax")}
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(grads["shifted"][name], grads["lax"][name], rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(grads["lax"][name]).max()))
 
 
 def test_fold_batch_norm_same_outputs():

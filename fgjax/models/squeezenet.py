@@ -59,9 +59,9 @@ class SqueezeNet11(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     layers.check_images(x, "SqueezeNet11", min_side=32)
-    x = nn.relu(layers.Conv2D(64, 3, 2, 0, use_bias=True, conv_impl=self.conv_impl,
-                              dtype=self.dtype, name="conv1")(x))
-    x = layers.max_pool_torch(x, 3, 2, ceil_mode=True, impl=self.conv_impl)
+    x = layers.ConvReluMaxPool(64, 3, 2, 0, pool_kernel=3, pool_stride=2, ceil_mode=True,
+                               conv_impl=self.conv_impl, dtype=self.dtype,
+                               name="conv1")(x)
     for idx, widths in _FIRES.items():
       x = Fire(*widths, conv_impl=self.conv_impl, dtype=self.dtype,
                name=f"fire{idx}")(x)

@@ -1,0 +1,407 @@
+"""CPU-friendly formulations of convolution and pooling, with hand-written gradients.
+
+XLA:CPU runs some convolution-network ops far slower than the arithmetic needs (measured
+on a 2-core AMD EPYC, BENCHMARKS.md section 3): grouped (depthwise) convolutions, 1x1
+convolutions and their gradients, select-and-scatter (the max-pool gradient), and the
+zero-interleaved or transposed copies of large activations that strided gradients
+make. Each function here computes the same values as the lax op it replaces, with a
+custom VJP that keeps every gradient a dense elementwise pass or a GEMM:
+
+* `depthwise_conv_shifted`: k*k shifted multiply-adds; polyphase kernel gradient.
+* `pointwise_conv`: an unpadded 1x1 convolution as one matmul.
+* `max_pool_shifted`: max of shifted slices, gradient by PyTorch's first-maximum rule.
+* `conv_max_pool`: a dense convolution followed by a max pool (a stem), whose kernel
+  gradient is taken per polyphase component of the pool, as GEMMs over im2col patches,
+  without materialising the convolution's full-resolution gradient.
+
+`fgjax.models.layers` decides when to use them (CPU, `conv_impl`); they are plain JAX
+and run, and differentiate, on any backend.
+"""
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+def _shifted_slices(xp: jax.Array, kh: int, kw: int, stride: int,
+                    out_hw: tuple[int, int]):
+  """Yields ((i, j), tap) for the kh*kw window taps of padded xp: the (N, Ho, Wo, C)
+  strided slice starting at row i, column j. `_add_taps` is its transpose."""
+  ho, wo = out_hw
+  for i in range(kh):
+    for j in range(kw):
+      yield (i, j), jax.lax.slice(
+          xp, (0, i, j, 0),
+          (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
+           xp.shape[3]),
+          (1, stride, stride, 1))
+
+
+def _depthwise_forward(x: jax.Array, kernel: jax.Array, stride: int,
+                       pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  kh, kw = kernel.shape[:2]
+  x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  out_hw = ((x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1)
+  out = None
+  for (i, j), tap in _shifted_slices(x, kh, kw, stride, out_hw):
+    term = tap * kernel[i, j, 0]
+    out = term if out is None else out + term
+  return out
+
+
+
+
+def _tap_phases(terms: dict, stride: int, pads, in_hw):
+  """Sums k*k strided tap terms per polyphase component of the padded input.
+
+  terms[i, j] is an (N, Ho, Wo, C) array whose element (y, x) belongs to padded input
+  position (i + stride * y, j + stride * x). Returns ({(a, b): (N, hq, wq, C)}, (hq, wq))
+  where phase (a, b) element (u, v) is the sum at padded position
+  (stride * u + a, stride * v + b); phases without taps are absent.
+  """
+  (pt, _), (pl, _) = pads
+  h, w = in_hw
+  s = stride
+  _, ho, wo, _ = next(iter(terms.values())).shape
+  kh = 1 + max(i for i, _ in terms)
+  kw = 1 + max(j for _, j in terms)
+  hq = max((kh - 1) // s + ho, -(-(pt + h) // s))
+  wq = max((kw - 1) // s + wo, -(-(pl + w) // s))
+  phases = {}
+  for (i, j), t in terms.items():
+    u, v = i // s, j // s
+    t = jax.lax.pad(t, jnp.zeros((), t.dtype),
+                    ((0, 0, 0), (u, hq - u - ho, 0), (v, wq - v - wo, 0), (0, 0, 0)))
+    key = (i % s, j % s)
+    phases[key] = t if key not in phases else phases[key] + t
+  return phases, (hq, wq)
+
+
+def _interleave(phases: dict, stride: int, pads, in_hw) -> jax.Array:
+  """Inverse of splitting into polyphase components, cropped to the unpadded input."""
+  (pt, _), (pl, _) = pads
+  h, w = in_hw
+  s = stride
+  some = next(iter(phases.values()))
+  n, hq, wq, c = some.shape
+  empty = jnp.zeros((n, hq, wq, c), some.dtype)
+  rows = [jnp.stack([phases.get((a, b), empty) for b in range(s)], axis=3)
+          for a in range(s)]
+  full = jnp.stack(rows, axis=2).reshape(n, hq * s, wq * s, c)
+  return full[:, pt:pt + h, pl:pl + w, :]
+
+
+def _add_taps(terms: dict, stride: int, pads, in_hw) -> jax.Array:
+  """The transpose of taking k*k shifted strided slices: sum_ij place(terms[i, j]).
+
+  terms[i, j] is an (N, Ho, Wo, C) array whose element (y, x) belongs to input position
+  (i - top + stride * y, j - left + stride * x); positions in the padding are dropped.
+  Stride 1 pads each term into place (XLA fuses the sum into one loop). A larger stride
+  sums each polyphase component (taps with equal i % s, j % s) densely, then
+  interleaves the s*s components: zero-interleaved pads of every term were each written
+  to memory by XLA:CPU.
+  """
+  (pt, _), (pl, _) = pads
+  h, w = in_hw
+  if stride == 1:
+    some = next(iter(terms.values()))
+    ho, wo = some.shape[1:3]
+    zero = jnp.zeros((), some.dtype)
+    out = None
+    for (i, j), t in terms.items():
+      t = jax.lax.pad(t, zero, ((0, 0, 0), (i - pt, h - (i - pt) - ho, 0),
+                                (j - pl, w - (j - pl) - wo, 0), (0, 0, 0)))
+      out = t if out is None else out + t
+    return out
+  phases, _ = _tap_phases(terms, stride, pads, in_hw)
+  return _interleave(phases, stride, pads, in_hw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, stride, pads):
+  return _depthwise_forward(x, kernel, stride, pads)
+
+
+def _depthwise_fwd(x, kernel, stride, pads):
+  return _depthwise_forward(x, kernel, stride, pads), (x, kernel)
+
+
+def _depthwise_bwd(stride, pads, residuals, g):
+  """Input and kernel gradients of the shifted depthwise conv, each a single pass.
+
+  Why hand-written: autodiff of the k*k slices saves each shifted slice as a residual,
+  and XLA:CPU writes all k*k of them to memory (25 copies of the activations for a 5x5
+  layer). Here no expression is shared between the forward and the two gradients, so
+  every term fuses into its consumer:
+    dx = sum_ij (g placed at offset (i, j), dilated by the stride, cropped to H x W) * k_ij
+    dk_ij = sum_{n,y,x} phase(x_pad)[n, y, x] * (g placed at offset (i//s, j//s))
+  where phase = x_pad[:, i % s::s, j % s::s] is a polyphase component, so the kernel
+  gradient of a strided conv multiplies dense arrays (no zero-interleaved g).
+  """
+  x, kernel = residuals
+  n, h, w, c = x.shape
+  kh, kw = kernel.shape[:2]
+  (pt, _), (pl, _) = pads
+  s = stride
+  ho, wo = g.shape[1:3]
+  hq = -(-(h + sum(pads[0])) // s)
+  wq = -(-(w + sum(pads[1])) // s)
+  zero = jnp.zeros((), g.dtype)
+  xp = jnp.pad(x, ((0, 0), (pt, hq * s - h - pt), (pl, wq * s - w - pl), (0, 0)))
+  dk = {}
+  for a in range(min(s, kh)):
+    for b in range(min(s, kw)):
+      phase = xp[:, a::s, b::s, :] if s > 1 else xp
+      for i in range(a, kh, s):
+        for j in range(b, kw, s):
+          u, v = i // s, j // s
+          g_at = jax.lax.pad(g, zero, ((0, 0, 0), (u, hq - u - ho, 0),
+                                       (v, wq - v - wo, 0), (0, 0, 0)))
+          dk[i, j] = jnp.sum(phase * g_at, axis=(0, 1, 2))
+  dx = _add_taps({(i, j): g * kernel[i, j, 0] for i in range(kh) for j in range(kw)},
+                 s, pads, (h, w))
+  dk = jnp.stack([dk[i, j] for i in range(kh) for j in range(kw)])
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: int,
+                           pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """Depthwise convolution as a sum of k*k shifted, strided slices times per-channel taps.
+
+  Differentiable in x and kernel through a custom VJP (see `_depthwise_bwd`).
+
+  Args:
+    x: (N, H, W, C) input.
+    kernel: (kh, kw, 1, C) taps, flax HWIO layout with one input channel per group.
+    stride: spatial stride.
+    pads: ((top, bottom), (left, right)) zero padding.
+
+  Returns:
+    (N, Ho, Wo, C), equal to lax.conv_general_dilated(..., feature_group_count=C).
+  """
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  return _depthwise(x, kernel, int(stride), pads)
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """1x1 convolution as one matmul over the flattened (N*H*W, C) activations.
+
+  Args:
+    x: (N, H, W, C) input.
+    kernel: (C, O) weights (a 1x1 HWIO kernel without its spatial dims).
+    stride: spatial stride (applied as a strided slice first).
+
+  Returns:
+    (N, ceil(H / stride), ceil(W / stride), O), equal to the unpadded 1x1
+    lax.conv_general_dilated.
+
+  Why: XLA:CPU lowers a 1x1 convolution and, worse, its two gradients to generic
+  convolution kernels plus transposes of the activations; the same contraction written
+  as a dot runs as a plain GEMM. Measured on the 2-core VM (batch 32, 112x112):
+  96->16 channels forward 87 ms -> 8 ms, forward + both gradients 400 ms -> 95 ms
+  (BENCHMARKS.md section 3). On GPU/TPU a dot is what the 1x1 convolution becomes anyway.
+  """
+  if stride != 1:
+    x = x[:, ::stride, ::stride, :]
+  n, h, w, c = x.shape
+  y = jnp.dot(x.reshape(n * h * w, c), kernel)
+  return y.reshape(n, h, w, kernel.shape[-1])
+
+
+def _max_pool_taps(x, kernel, stride, pads, out_hw):
+  lowest = jnp.array(-jnp.inf, x.dtype)
+  xp = jax.lax.pad(x, lowest, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+  for _, tap in _shifted_slices(xp, kernel, kernel, stride, out_hw):
+    yield tap
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _max_pool_shifted(x, kernel, stride, pads, out_hw, in_hw):
+  out = None
+  for tap in _max_pool_taps(x, kernel, stride, pads, out_hw):
+    out = tap if out is None else jnp.maximum(out, tap)
+  return out
+
+
+def _max_pool_fwd(x, kernel, stride, pads, out_hw, in_hw):
+  """The max and, per output, the index of the first maximal tap (row-major window)."""
+  out = arg = None
+  for t, tap in enumerate(_max_pool_taps(x, kernel, stride, pads, out_hw)):
+    if out is None:
+      out, arg = tap, jnp.zeros(tap.shape, jnp.int8)
+    else:
+      better = tap > out  # strict: ties keep the earlier tap
+      out = jnp.where(better, tap, out)
+      arg = jnp.where(better, jnp.int8(t), arg)
+  return out, arg
+
+
+def _pool_grad_terms(arg: jax.Array, g: jax.Array, kernel: int) -> dict:
+  """Per window tap (i, j): g where that tap was the (first) maximum, else 0."""
+  zero = jnp.zeros((), g.dtype)
+  return {(i, j): jnp.where(arg == i * kernel + j, g, zero)
+          for i in range(kernel) for j in range(kernel)}
+
+
+def _max_pool_bwd(kernel, stride, pads, out_hw, in_hw, residuals, g):
+  """Routes each output's gradient to the first maximal tap in row-major window order.
+
+  That is PyTorch's rule (its CPU kernel keeps the first maximum), and it differs from
+  autodiff of a max chain, which splits ties. Why hand-written: XLA:CPU lowers the
+  gradient of reduce_window max (select_and_scatter) through iota/index tuples and a
+  scatter, about 0.3 s per pooling layer of SqueezeNet at batch 32; here the forward
+  keeps an int8 tap index and the gradient is selects summed per polyphase
+  component (`_add_taps`).
+  """
+  del out_hw  # g has that shape
+  return (_add_taps(_pool_grad_terms(residuals, g, kernel), stride, pads, in_hw),)
+
+
+_max_pool_shifted.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def pool_geometry(in_hw: Sequence[int], kernel: int, stride: int, padding: int = 0,
+                  ceil_mode: bool = False) -> tuple[Pads, tuple[int, int]]:
+  """torch.nn.MaxPool2d's output size and the (lo, hi) -inf padding that realises it.
+
+  Returns (((top, bottom), (left, right)), (out_h, out_w)); `hi` can be below the
+  PyTorch padding when floor mode drops trailing pixels (then it is clipped at 0 and the
+  slices stop early).
+  """
+  pads, out_hw = [], []
+  for size in in_hw:
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    # PyTorch drops a last window that would start entirely in the right padding.
+    if ceil_mode and (out - 1) * stride >= size + padding:
+      out -= 1
+    hi = (out - 1) * stride + kernel - size - padding
+    pads.append((padding, max(hi, 0)))
+    out_hw.append(out)
+  return tuple(pads), tuple(out_hw)
+
+
+def max_pool_shifted(x: jax.Array, kernel: int, stride: int, padding: int = 0,
+                     ceil_mode: bool = False) -> jax.Array:
+  """torch.nn.MaxPool2d on NHWC input as a max of k*k shifted slices.
+
+  Differentiable through a custom VJP that routes each output's gradient to the first
+  maximal tap of its window (PyTorch's rule; `_max_pool_bwd`).
+  """
+  pads, out_hw = pool_geometry(x.shape[1:3], kernel, stride, padding, ceil_mode)
+  return _max_pool_shifted(x, kernel, stride, pads, out_hw, tuple(x.shape[1:3]))
+
+
+def _conv_out_hw(in_hw, kernel_hw, stride, pads) -> tuple[int, int]:
+  return tuple((size + lo + hi - k) // stride + 1
+               for size, (lo, hi), k in zip(in_hw, pads, kernel_hw))
+
+
+def _conv(x, kernel, stride, pads):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _conv_max_pool(x, kernel, conv_stride, conv_pads, pool_kernel, pool_stride,
+                   pool_pads, pool_out_hw):
+  y = _conv(x, kernel, conv_stride, conv_pads)
+  return _max_pool_shifted(y, pool_kernel, pool_stride, pool_pads, pool_out_hw,
+                           tuple(y.shape[1:3]))
+
+
+def _conv_max_pool_fwd(x, kernel, conv_stride, conv_pads, pool_kernel, pool_stride,
+                       pool_pads, pool_out_hw):
+  y = _conv(x, kernel, conv_stride, conv_pads)
+  out, arg = _max_pool_fwd(y, pool_kernel, pool_stride, pool_pads, pool_out_hw, None)
+  return out, (x, kernel, arg)
+
+
+def _conv_max_pool_bwd(conv_stride, conv_pads, pool_kernel, pool_stride, pool_pads,
+                       pool_out_hw, residuals, g):
+  """Kernel gradient per polyphase component of the pool, as GEMMs over im2col patches.
+
+  With y = conv(x) and p = maxpool(y), dL/dy is non-zero only at window maxima. Its
+  polyphase component (a, b) (rows s_p * u + a of y) is a dense sum of the taps' masked
+  gradients (`_tap_phases`), and
+    dK[r, c, :, :] = sum_ab sum_{n,u,v} x[n, S u + s_c a + r, S v + s_c b + c, :]^T
+                                        * dy_ab[n, u, v, :],    S = s_c * s_p,
+  i.e. one (N*hq*wq, kh*kw*Cin)^T x (N*hq*wq, Cout) GEMM per component. XLA's own
+  kernel gradient needs the full-resolution dL/dy interleaved and transposed in
+  memory, which for SqueezeNet's stem (111 x 111 x 64 at batch 32) cost more than the
+  whole rest of the stem. The input gradient (a network input usually needs none, and
+  then XLA drops it) goes through the interleaved dL/dy and the lax conv's transpose.
+  """
+  del pool_out_hw  # g has that shape
+  x, kernel, arg = residuals
+  s_c, s_p = conv_stride, pool_stride
+  stride = s_c * s_p
+  kh, kw, cin, cout = kernel.shape
+  conv_hw = _conv_out_hw(x.shape[1:3], (kh, kw), s_c, conv_pads)
+  phases, (hq, wq) = _tap_phases(_pool_grad_terms(arg, g, pool_kernel), s_p,
+                                 pool_pads, conv_hw)
+  (ct, _), (cl, _) = conv_pads
+  (pt, _), (pl, _) = pool_pads
+  n, h, w, _ = x.shape
+  # Phase (a, b) element (u, v), conv tap (r, c) reads input row
+  # stride*u + s_c*(a - pt) + r - ct; pad x so that every such row exists (the extra
+  # rows meet zero gradient: pool padding and rows past the conv output).
+  top, left = s_c * pt + ct, s_c * pl + cl
+  bottom = max(0, stride * (hq - 1) + s_c * (s_p - 1) + kh - top - h)
+  right = max(0, stride * (wq - 1) + s_c * (s_p - 1) + kw - left - w)
+  # Channels-first copy of the (small) input, so each patch matrix is built as
+  # (kh*kw*Cin, N*hq*wq) and dK is a plain GEMM contracting its long minor axis.
+  xt = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))).transpose(3, 0, 1, 2)
+  dk = None
+  for (a, b), dy in phases.items():
+    rows = [jax.lax.slice(xt, (0, 0, s_c * a + r, s_c * b + c),
+                          (cin, n, s_c * a + r + stride * (hq - 1) + 1,
+                           s_c * b + c + stride * (wq - 1) + 1),
+                          (1, 1, stride, stride))
+            for r in range(kh) for c in range(kw)]
+    patches = jnp.concatenate(rows, axis=0).reshape(kh * kw * cin, n * hq * wq)
+    term = jnp.dot(patches, dy.reshape(n * hq * wq, cout).astype(x.dtype),
+                   preferred_element_type=jnp.float32)
+    dk = term if dk is None else dk + term
+  dk = dk.reshape(kernel.shape).astype(kernel.dtype)
+  dy = _interleave(phases, s_p, pool_pads, conv_hw).astype(x.dtype)
+  _, conv_vjp = jax.vjp(lambda x: _conv(x, kernel, s_c, conv_pads), x)
+  (dx,) = conv_vjp(dy)
+  return dx, dk
+
+
+_conv_max_pool.defvjp(_conv_max_pool_fwd, _conv_max_pool_bwd)
+
+
+def conv_max_pool(x: jax.Array, kernel: jax.Array, conv_stride: int,
+                  conv_pads: Sequence[tuple[int, int]], pool_kernel: int,
+                  pool_stride: int, pool_padding: int = 0,
+                  ceil_mode: bool = False) -> jax.Array:
+  """max_pool(conv(x, kernel)): a dense convolution, then torch.nn.MaxPool2d.
+
+  Args:
+    x: (N, H, W, Cin) input.
+    kernel: (kh, kw, Cin, Cout) HWIO weights.
+    conv_stride: convolution stride.
+    conv_pads: ((top, bottom), (left, right)) zero padding of the convolution.
+    pool_kernel, pool_stride, pool_padding, ceil_mode: as torch.nn.MaxPool2d.
+
+  Returns:
+    (N, Hp, Wp, Cout), equal to max_pool_shifted(lax conv(x, kernel), ...), with the
+    same gradients (first-maximum rule) through a fused custom VJP (`_conv_max_pool_bwd`).
+    A per-channel bias and a monotone activation commute with the max, so
+    relu(conv_max_pool(x, k) + b) is maxpool(relu(conv(x, k) + b)) at a quarter of the
+    elementwise work; SqueezeNet's stem is computed that way.
+  """
+  conv_pads = tuple((int(lo), int(hi)) for lo, hi in conv_pads)
+  conv_hw = _conv_out_hw(x.shape[1:3], kernel.shape[:2], conv_stride, conv_pads)
+  pool_pads, out_hw = pool_geometry(conv_hw, pool_kernel, pool_stride, pool_padding,
+                                    ceil_mode)
+  return _conv_max_pool(x, kernel, int(conv_stride), conv_pads, int(pool_kernel),
+                        int(pool_stride), pool_pads, out_hw)
