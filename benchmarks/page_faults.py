@@ -1,0 +1,68 @@
+"""Page faults and kernel time per fgjax training step, with and without retained memory.
+
+  python benchmarks/page_faults.py --model squeezenet1_1 [--retain-freed-memory]
+
+Runs the same SGD step as benchmarks/inference.py (batch 32, 224 px, BN in train mode)
+and prints, per step, wall seconds, minor page faults and system CPU seconds (getrusage).
+See fgjax/host_memory.py for why the faults happen.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if "--retain-freed-memory" in sys.argv:  # before any thread allocates
+  from fgjax import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
+  if not host_memory.retain_freed_memory():
+    raise SystemExit("--retain-freed-memory: this C library is not glibc.")
+
+import argparse  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fgjax import models  # noqa: E402
+from fgjax.models import xla_cpu  # noqa: E402
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--model", default="squeezenet1_1")
+  parser.add_argument("--steps", type=int, default=6)
+  parser.add_argument("--retain-freed-memory", action="store_true")
+  args = parser.parse_args()
+  spec = models.get(args.model)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 224, 224, 3)), jnp.float32)
+
+  @xla_cpu.jit
+  def step(variables, x):
+    def loss(params):
+      out, upd = spec.module.apply({**variables, "params": params}, x, train=True,
+                                   mutable=["batch_stats"])
+      return jnp.mean(out ** 2), upd
+    (l, upd), g = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    params = jax.tree.map(lambda p, g: p - 1e-3 * g, variables["params"], g)
+    return {"params": params, **upd}, l
+
+  variables = spec.variables
+  rows = []
+  for i in range(args.steps + 1):  # step 0 compiles
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    variables, l = step(variables, x)
+    l.block_until_ready()
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    if i:
+      rows.append((t1 - t0, r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime))
+      print(f"step {i}: {t1 - t0:.3f} s, {rows[-1][1]} minor faults, "
+            f"{rows[-1][2]:.3f} s system", flush=True)
+  wall, faults, system = np.median(np.array(rows), axis=0)
+  print(f"# {args.model} retain_freed_memory={args.retain_freed_memory}: median "
+        f"{wall:.3f} s/step, {faults:.0f} faults/step, {system:.3f} s system/step")
+
+
+if __name__ == "__main__":
+  main()
