@@ -155,6 +155,25 @@ def bench_model(name: str, batches, repeats: int, rows: list):
           flush=True)
 
 
+def make_train_step(spec):
+  """(variables, x) -> (variables, loss): one SGD step on mean(pooled features^2).
+
+  Compiled like fgjax.train's update step (`xla_cpu.jit`), BN in train mode.
+  """
+
+  @xla_cpu.jit
+  def step(variables, x):
+    def loss(params):
+      out, upd = spec.module.apply({**variables, "params": params}, x, train=True,
+                                   mutable=["batch_stats"])
+      return jnp.mean(out ** 2), upd
+    (l, upd), g = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    params = jax.tree.map(lambda p, g: p - 1e-3 * g, variables["params"], g)
+    return {"params": params, **upd}, l
+
+  return step
+
+
 def bench_train(name: str, bs: int, repeats: int, rows: list):
   """One SGD step (forward + backward + update, BN in train mode), fgjax vs PyTorch.
 
@@ -165,16 +184,7 @@ def bench_train(name: str, bs: int, repeats: int, rows: list):
   torch.set_num_threads(2)
   spec = models.get(name)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(bs, 224, 224, 3)), jnp.float32)
-
-  @xla_cpu.jit  # as fgjax.train compiles its update step
-  def step(variables, x):
-    def loss(params):
-      out, upd = spec.module.apply({**variables, "params": params}, x, train=True,
-                                   mutable=["batch_stats"])
-      return jnp.mean(out ** 2), upd
-    (l, upd), g = jax.value_and_grad(loss, has_aux=True)(variables["params"])
-    params = jax.tree.map(lambda p, g: p - 1e-3 * g, variables["params"], g)
-    return {"params": params, **upd}, l
+  step = make_train_step(spec)
 
   state = {"v": spec.variables}
 

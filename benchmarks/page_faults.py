@@ -2,8 +2,8 @@
 
   python benchmarks/page_faults.py --model squeezenet1_1 [--retain-freed-memory]
 
-Runs the same SGD step as benchmarks/inference.py (batch 32, 224 px, BN in train mode)
-and prints, per step, wall seconds, minor page faults and system CPU seconds (getrusage).
+Runs the SGD step of benchmarks/inference.py (`make_train_step`: batch 32, 224 px, BN in
+train mode) and prints, per step, wall seconds, minor page faults and system CPU seconds (getrusage).
 See fgjax/host_memory.py for why the faults happen.
 """
 
@@ -21,12 +21,12 @@ import argparse  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+import inference as inference_benchmark  # noqa: E402  (benchmarks/inference.py)
 from fgjax import models  # noqa: E402
-from fgjax.models import xla_cpu  # noqa: E402
 
 
 def main():
@@ -38,15 +38,7 @@ def main():
   spec = models.get(args.model)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 224, 224, 3)), jnp.float32)
 
-  @xla_cpu.jit
-  def step(variables, x):
-    def loss(params):
-      out, upd = spec.module.apply({**variables, "params": params}, x, train=True,
-                                   mutable=["batch_stats"])
-      return jnp.mean(out ** 2), upd
-    (l, upd), g = jax.value_and_grad(loss, has_aux=True)(variables["params"])
-    params = jax.tree.map(lambda p, g: p - 1e-3 * g, variables["params"], g)
-    return {"params": params, **upd}, l
+  step = inference_benchmark.make_train_step(spec)
 
   variables = spec.variables
   rows = []

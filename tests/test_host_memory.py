@@ -6,8 +6,6 @@ import sys
 
 import pytest
 
-from fgjax import host_memory
-
 # Allocates, touches and frees a 64 MiB block five times; prints the minor page faults
 # of the last four rounds (the first one maps the memory either way).
 # Plain malloc through ctypes, as XLA's allocator does (numpy would madvise huge pages).
