@@ -10,12 +10,10 @@ See fgjax/host_memory.py for why the faults happen.
 import os
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-if "--retain-freed-memory" in sys.argv:  # before any thread allocates
-  from fgjax import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
-  if not host_memory.retain_freed_memory():
-    raise SystemExit("--retain-freed-memory: this C library is not glibc.")
+sys.path.insert(0, os.path.dirname(__file__))
+# Imported first: its top applies --retain-freed-memory (and JAX_PLATFORMS=cpu) before
+# jax starts any thread.
+import inference as inference_benchmark  # noqa: E402  (benchmarks/inference.py)
 
 import argparse  # noqa: E402
 import resource  # noqa: E402
@@ -24,8 +22,6 @@ import time  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-import inference as inference_benchmark  # noqa: E402  (benchmarks/inference.py)
 from fgjax import models  # noqa: E402
 
 

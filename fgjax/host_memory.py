@@ -28,12 +28,20 @@ pages.
 
 import ctypes
 import ctypes.util
-import platform
+import os
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+
+
+def is_glibc() -> bool:
+  """Whether this process runs on glibc (instant, unlike platform.libc_ver)."""
+  try:
+    return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+  except (AttributeError, ValueError, OSError):
+    return False
 
 
 def retain_freed_memory() -> bool:
@@ -42,7 +50,7 @@ def retain_freed_memory() -> bool:
   Returns True when applied, False where the C library is not glibc (then nothing
   changes).
   """
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+  if not is_glibc():
     return False
   libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
   settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))

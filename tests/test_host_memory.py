@@ -1,10 +1,11 @@
 """fgjax.host_memory: freed large blocks are reused instead of re-faulted."""
 
-import platform
 import subprocess
 import sys
 
 import pytest
+
+from fgjax import host_memory
 
 # Allocates, touches and frees a 64 MiB block five times; prints the minor page faults
 # of the last four rounds (the first one maps the memory either way).
@@ -35,7 +36,7 @@ def _faults(mode: str) -> int:
   return int(out.stdout.split()[-1])
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
+@pytest.mark.skipif(not host_memory.is_glibc(),
                     reason="mallopt tuning exists for glibc only")
 def test_retain_freed_memory_stops_refaulting_large_blocks():
   pages = 4 * 64 * 2 ** 20 // 4096  # four rounds of a 64 MiB block, 4 KiB pages
