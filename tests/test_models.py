@@ -138,19 +138,33 @@ def _lax_depthwise(x, w, stride, pads):
 @pytest.mark.parametrize("size,kernel,stride,pads", [
     ((7, 8), 3, 1, ((1, 1), (1, 1))), ((7, 8), 3, 2, ((0, 1), (1, 2))),
     ((9, 9), 5, 2, ((1, 2), (1, 2))), ((6, 5), 5, 1, ((2, 2), (2, 2))),
-    ((8, 8), 3, 2, ((0, 1), (0, 1))), ((10, 7), 3, 3, ((0, 0), (1, 0)))])
-def test_depthwise_custom_vjp_matches_lax_gradients(size, kernel, stride, pads):
-  # The hand-written VJP (polyphase kernel gradient, dilated input gradient) against
-  # autodiff of XLA's grouped convolution, for odd/even sizes, TF-SAME asymmetric pads,
-  # strides 1-3 and a cotangent that is not all ones.
+    ((8, 8), 3, 2, ((0, 1), (0, 1))), ((10, 7), 3, 3, ((0, 0), (1, 0))),
+    ((6, 5), 5, 1, ((1, 3), (2, 0))), ((11, 10), 7, 3, ((3, 3), (2, 4)))])
+@pytest.mark.parametrize("batch_chunks", [1, 3])
+def test_depthwise_custom_vjp_matches_lax_gradients(size, kernel, stride, pads,
+                                                    batch_chunks, monkeypatch):
+  # The hand-written VJP (polyphase kernel gradient, dilated input gradient; kernels
+  # above 3x3 take the input gradient as a correlation) against autodiff of XLA's
+  # grouped convolution, for odd/even sizes, TF-SAME and other asymmetric pads,
+  # strides 1-3, a cotangent that is not all ones, and the kernel gradient whole or
+  # accumulated over batch chunks (a fori_loop).
+  batch = 6
+  if batch_chunks > 1:
+    image_bytes = 4 * 4 * ((size[0] + sum(pads[0])) * (size[1] + sum(pads[1]))
+                           + size[0] * size[1])  # an upper bound on (xp, g) per image
+    monkeypatch.setattr(cpu_ops, "_KERNEL_GRAD_CHUNK_BYTES",
+                        image_bytes * batch // batch_chunks)
+    monkeypatch.setattr(cpu_ops, "_KERNEL_GRAD_CHUNK_MAX_IMAGE_BYTES", image_bytes)
   rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.normal(size=(2, *size, 4)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(batch, *size, 4)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 4)), jnp.float32)
   out = _lax_depthwise(x, w, stride, pads)
   g = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
   got_y, vjp = jax.vjp(lambda a, b: cpu_ops.depthwise_conv_shifted(a, b, stride, pads), x, w)
   want_y, want_vjp = jax.vjp(lambda a, b: _lax_depthwise(a, b, stride, pads), x, w)
   np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(vjp)(g))
+  assert ("scan" in jaxpr or "while" in jaxpr) == (batch_chunks > 1)
   for got, want in zip(jax.jit(vjp)(g), want_vjp(g)):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
