@@ -22,7 +22,8 @@ ceil-mode pooling) while staying fast on XLA:CPU:
 * `conv_impl='lax'` turns these rewrites off (every convolution is one
   lax.conv_general_dilated, pooling is reduce_window), which is what the ONNX exporter
   translates.
-* `ConvBN` is a convolution followed by BatchNorm. With `folded=True` the BN is folded into
+* `ConvBN` is a convolution followed by BatchNorm; on the shifted (CPU) path that is
+  `batch_norm.BatchNorm`, flax's BatchNorm with a hand-written training gradient. With `folded=True` the BN is folded into
   the convolution (kernel * gamma / sqrt(var + eps), bias = beta - mean * gamma /
   sqrt(var + eps)), which is what `fgjax.models.inference` uses for CPU inference;
   `fold_batch_norm` converts a variables tree accordingly.
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgjax.models import cpu_ops
+from fgjax.models import batch_norm, cpu_ops
 
 Padding = Union[str, int]
 
@@ -157,6 +158,10 @@ class ConvBN(nn.Module):
         raise ValueError("A BN-folded network is for inference only: call it with "
                          "train=False, or build it with fold_bn=False to train.")
       return x
+    if use_shifted_kernels(self.conv_impl):
+      # Same variables and values; a three-pass training gradient (see batch_norm).
+      return batch_norm.BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype,
+                                  name="bn")(x, use_running_average=not train)
     return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                         epsilon=self.bn_epsilon, dtype=self.dtype, name="bn")(x)
 
