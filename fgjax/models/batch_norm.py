@@ -11,9 +11,9 @@ gradient, `batch_norm_train`'s custom VJP (Ioffe & Szegedy 2015, section 3):
 
 Why: autodiff of flax's formula keeps (x - mean) as a residual and takes the
 gradient as five passes over the activations (two of them materialised products),
-where this takes three: the reductions sum(dy) and sum(dy * x), then dx. On
-XLA:CPU, where the layers around BN are themselves memory-bound passes, that was
-10-15% of an EfficientNet-Lite0 training step (BENCHMARKS.md section 3).
+where this takes three: the reductions sum(dy) and sum(dy * x), then dx. On the
+2-core VM it took the EfficientNet-Lite0 training step (batch 32) from a median of
+1.72-1.97 s to 1.60-1.73 s (BENCHMARKS.md section 3).
 """
 
 import functools
@@ -57,10 +57,6 @@ def _forward(x, scale, bias, epsilon):
   return (y.astype(x.dtype), mean, var), (x, mean, inv, scale)
 
 
-def _fwd(x, scale, bias, epsilon):
-  return _forward(x, scale, bias, epsilon)
-
-
 def _bwd(epsilon, residuals, cotangents):
   del epsilon  # inv carries it
   x, mean, inv, scale = residuals
@@ -79,7 +75,7 @@ def _bwd(epsilon, residuals, cotangents):
   return dx.astype(x.dtype), dscale.astype(scale.dtype), sum_dy.astype(scale.dtype)
 
 
-batch_norm_train.defvjp(_fwd, _bwd)
+batch_norm_train.defvjp(_forward, _bwd)
 
 
 class BatchNorm(nn.Module):
