@@ -52,7 +52,7 @@ def config_for(scheme: str):
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 500
   c.optim.learning_rate = _LR.value
-  c.impostors.sigma = _SIGMA.value
+  c.loss.nca.sigma = _SIGMA.value
   c.input.image_size = _IMAGE_SIZE.value
   c.input.resize_size = max(_IMAGE_SIZE.value * 8 // 7, _IMAGE_SIZE.value)
   c.impostors.pq_bytes = _PQ.value

@@ -31,8 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fgjax import export  # noqa: E402
 from fgjax import models  # noqa: E402
-from fgjax.models import inference  # noqa: E402
 from fgjax.models import xla_cpu  # noqa: E402
 
 
@@ -112,14 +112,16 @@ def bench_model(name: str, batches, repeats: int, rows: list):
   for bs in batches:
     x = np.random.default_rng(0).normal(size=(bs, 224, 224, 3)).astype(np.float32)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-    predict = inference.make_cpu_predictor(spec, batch_size=bs)
-    plain = xla_cpu.jit(lambda v, x: spec.module.apply(v, x, train=False))
+    predict = export.make_cpu_predictor(spec, batch_size=bs, outputs=("logits",),
+                                        image_size=224)
+    plain = xla_cpu.jit(lambda v, x: spec.module.apply(v, x, train=False)["logits"])
     xj = jnp.asarray(x)
     with torch.no_grad():
       ref = net(xt).numpy()
-    err = np.abs(predict(x) - ref).max() / np.abs(ref).max()
-    onnx_predict = inference.make_onnx_predictor(spec, batch_size=bs)
-    err_onnx = np.abs(onnx_predict(x) - ref).max() / np.abs(ref).max()
+    err = np.abs(predict(x)["logits"] - ref).max() / np.abs(ref).max()
+    onnx_predict = export.make_cpu_predictor(spec, batch_size=bs, outputs=("logits",),
+                                             engine="onnx", image_size=224)
+    err_onnx = np.abs(onnx_predict(x)["logits"] - ref).max() / np.abs(ref).max()
     print(f"# {name} batch {bs}: fgjax ONNX predictor max rel err vs torch "
           f"{err_onnx:.2e}", flush=True)
     with tempfile.TemporaryDirectory() as d:
@@ -140,9 +142,10 @@ def bench_model(name: str, batches, repeats: int, rows: list):
         return model(inp)
 
     results = timeit_interleaved({
-        "fgjax make_onnx_predictor (own export, onnxruntime)": lambda: onnx_predict(x),
+        "fgjax make_cpu_predictor engine='onnx' (own export, onnxruntime)":
+            lambda: onnx_predict(x),
         "ONNX Runtime (torch.onnx.export)": lambda: sess.run(None, {"x": x_nchw}),
-        "fgjax make_cpu_predictor (XLA)": lambda: predict(x),
+        "fgjax make_cpu_predictor engine='xla'": lambda: predict(x),
         "fgjax plain jit (BN, auto depthwise)":
             lambda: plain(spec.variables, xj).block_until_ready(),
         "PyTorch eager": lambda: torch_eager(net, xt),
@@ -166,7 +169,7 @@ def make_train_step(spec):
     def loss(params):
       out, upd = spec.module.apply({**variables, "params": params}, x, train=True,
                                    mutable=["batch_stats"])
-      return jnp.mean(out ** 2), upd
+      return jnp.mean(out["pooled"] ** 2), upd
     (l, upd), g = jax.value_and_grad(loss, has_aux=True)(variables["params"])
     params = jax.tree.map(lambda p, g: p - 1e-3 * g, variables["params"], g)
     return {"params": params, **upd}, l

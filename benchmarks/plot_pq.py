@@ -22,7 +22,8 @@ _OUT = flags.DEFINE_string("out", "benchmarks/pq_accuracy.png", "PNG path.")
 
 def load(workdir):
   """(bytes per impostor, test top-1, val top-1, sigma) of one run."""
-  r = json.load(open(os.path.join(workdir, "results.json")))
+  with open(os.path.join(workdir, "results.json")) as f:
+    r = json.load(f)
   pq = r["config"]["impostors"]["pq_bytes"]
   nbytes = pq if pq else 4 * r["config"]["model"]["embed_dim"]
   return (nbytes, r["splits"]["test"]["rbf"]["top1"], r["splits"]["val"]["rbf"]["top1"],

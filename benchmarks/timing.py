@@ -1,7 +1,7 @@
 """Per-image CPU time: ConvNet forward vs the RBF classifier (paper section 4.1, Fig. 3).
 
 For EfficientNet-Lite0 and SqueezeNet 1.1 (fgjax's CPU inference path,
-`fgjax.models.inference.make_cpu_predictor`) at batch 1 and 32, and for the RBF rule
+`fgjax.export.make_cpu_predictor`, engine 'xla') at batch 1 and 32, and for the RBF rule
 (eq. 3) over M = 1.5k, 6k, 100k, 1M impostors (d = 512, synthetic clustered impostors)
 through three classifiers:
   exact  - all M impostors, jitted (fgjax.impostors.rbf_log_probs, chunked over M);
@@ -40,13 +40,14 @@ def _median_time(fn, reps):
 
 
 def forward_times(reps):
+  from fgjax import export
   from fgjax import models
-  from fgjax.models import inference
   rows = {}
   for name in ("efficientnet_lite0", "squeezenet1_1"):
     spec = models.get(name, pretrained=False)
     for batch in (1, 32):
-      predict = inference.make_cpu_predictor(spec, batch_size=batch)
+      predict = export.make_cpu_predictor(spec, batch_size=batch, outputs=("pooled",),
+                                          image_size=spec.input_size)
       x = np.random.default_rng(0).normal(
           size=(batch, spec.input_size, spec.input_size, 3)).astype(np.float32)
       rows[(name, batch)] = _median_time(lambda: predict(x), reps) / batch

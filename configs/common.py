@@ -9,26 +9,37 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.scheme = "fixed"          # ce | ce_extra | tied | fixed | loose (paper section 4)
+  # ce | ce_extra | tied | fixed | loose (paper section 4): a preset of network, loss
+  # terms and impostor policy (fgjax/schemes.py); the fields model.net, loss.terms and
+  # impostors.policy override its parts when set.
+  c.scheme = "fixed"
   c.seed = 0
   c.distributed = False       # jax.distributed.initialize() for multi-host runs
   c.num_devices = 0           # 0: every visible device; n: the first n (data parallel)
+  # Start from another run's final checkpoint (two-stage recipes, fgjax/init_from.py):
+  # its workdir, and which parts to take: net (always), impostors, loss_state.
+  c.init_from = ""
+  c.init_from_parts = "net"
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "efficientnet_lite0"
   c.model.pretrained = True
   c.model.weights_path = ""   # empty: the package / cache default
+  c.model.net = ""            # '' = the scheme's: convnet | convnet_extra | impostor
+  c.model.pooling = "avg"     # avg | max | kmax | weighted_kmax (fgjax/models/pooling.py)
+  c.model.pooling_k = 4       # K of kmax / weighted_kmax (ELoPE Table 2)
   c.model.embed_dim = 512     # d_em (paper default)
-  c.model.trainable = "all"   # 'all' | 'head' | 'last:N' backbone stages (CPU budgets)
+  c.model.trainable = "all"   # 'all' | 'head' | 'last:N' backbone blocks (CPU budgets)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "birds525"  # image_folder | birds525 | tfds | digits
+  c.data.source = "birds525"  # image_folder | birds525 | cars196 | tfds | digits
   c.data.root = ""            # empty: ../shared/data/birds525 next to the repo
   c.data.split = "canonical"
   c.data.seed = 0
   c.data.tfds_name = ""
   c.data.tfds_data_dir = ""
   c.data.bbox_crop = False
+  c.data.classes_subset = ()
   c.data.holdout_classes = ()
 
   c.input = ml_collections.ConfigDict()
@@ -57,9 +68,36 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 0.0
   c.optim.impostor_lr_multiplier = 1.0
 
+  # The loss: a weighted sum of registered terms (fgjax/objectives.py), each configured
+  # by its section below (weight, the output it reads, its options).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.terms = ""           # comma-separated term names; '' = the scheme's preset
+  # Terms added to those, e.g. 'elope' (ELoPE eq. 1, L = L_scheme + lambda L_e) or
+  # 'center' (Wen et al. 2016).
+  c.loss.extra_terms = ""
+  c.loss.ce = ml_collections.ConfigDict({"weight": 1.0, "input": "logits"})
+  # sigma: kernel width of eq. (2) in the training loss (the test-time sigma is chosen
+  # on val from eval.sigma_grid).
+  c.loss.nca = ml_collections.ConfigDict({"weight": 1.0, "input": "embedding",
+                                          "sigma": 0.2})
+  # weight: lambda of eq. (6), loose scheme.
+  c.loss.attachment = ml_collections.ConfigDict({"weight": 1.0, "input": "embedding"})
+  # Class-mean terms: the means (num_classes, E) live in the training state
+  # (checkpointed, not optimised), start at zero and follow the online update of ELoPE
+  # eq. (6)-(8) / Wen et al. eq. (4) with rate alpha. normalize: l2-normalise the input
+  # first (ELoPE Sec. 4.1; it makes the margin scale-free: squared distances of unit
+  # vectors are <= 4); Wen et al.'s center loss uses raw features (normalize=False).
+  c.loss.center = ml_collections.ConfigDict({"weight": 1.0, "input": "embedding",
+                                             "alpha": 0.5, "normalize": True})
+  # ELoPE Table 2: lambda 2, alpha 0.5, gamma 16 (weight of L_b, eq. 10), m 0.75.
+  c.loss.elope = ml_collections.ConfigDict({"weight": 2.0, "input": "embedding",
+                                            "alpha": 0.5, "gamma": 16.0,
+                                            "margin": 0.75, "normalize": True})
+
   c.impostors = ml_collections.ConfigDict()
-  c.impostors.sigma = 0.2             # kernel width used in the training loss, eq. (2)
-  c.impostors.attachment_weight = 1.0  # lambda of eq. (6), loose scheme
+  # '' = the scheme's: none | fixed | loose | tied | compressed_fixed
+  # (fgjax/impostor_policies.py).
+  c.impostors.policy = ""
   c.impostors.reset_every_epochs = 10  # tied scheme
   # Product-quantised impostors: bytes (= subspaces of 8-bit codes) per impostor, 0 off.
   # 'fixed' trains against the compressed impostors (paper); other schemes compress
@@ -67,27 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.impostors.pq_bytes = 0
   c.impostors.pq_opq = True
 
-  # Auxiliary class-mean loss on the embedding, added to any scheme's loss:
-  # loss = scheme loss + weight * aux (ELoPE eq. 1, L = L_CE + lambda L_e). The class
-  # means (num_classes, E) live in the training state (checkpointed, not optimised),
-  # start at zero and follow the online update of ELoPE eq. (6)-(8) / Wen et al. eq. (4).
-  # Defaults other than name / weight are ELoPE's Table 2 (alpha, gamma, m).
-  c.aux_loss = ml_collections.ConfigDict()
-  c.aux_loss.name = "none"    # none | center (Wen et al. 2016) | elope (ELoPE Sec. 4)
-  c.aux_loss.weight = 0.0     # lambda of ELoPE eq. (1); ELoPE Table 2 uses 2.0. Must be
-                              # > 0 when name != 'none' (0 would be a silent no-op).
-  c.aux_loss.alpha = 0.5      # class-mean update rate, ELoPE eq. (6); 0 freezes them
-  c.aux_loss.gamma = 16.0     # elope: weight of the between-class term L_b, eq. (10)
-  c.aux_loss.margin = 0.75    # elope: m of eq. (10), on squared distances of means
-  # l2-normalise the embedding before the aux loss (ELoPE Sec. 4.1; it makes margin
-  # scale-free: squared distances of unit vectors are <= 4). Wen et al.'s center loss
-  # uses raw features: set False to reproduce it. The scheme's own loss is unaffected.
-  c.aux_loss.normalize = True
-
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
   # The RBF rule's sigma is re-chosen on the validation split from this grid after
-  # training (no extra forward passes); empty: use impostors.sigma.
+  # training (no extra forward passes); empty: use loss.nca.sigma.
   c.eval.sigma_grid = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0)
   c.eval.search = "exact"   # exact (all impostors) | exact_knn | scann
   c.eval.k = 64
@@ -111,7 +132,7 @@ def birds525(scheme: str, learning_rate: float,
   c.train.cache_features = True
   c.train.log_every_steps = 50
   c.optim.learning_rate = learning_rate
-  c.impostors.sigma = sigma
+  c.loss.nca.sigma = sigma
   return c
 
 

@@ -29,7 +29,7 @@ def get_config():
   c.train.log_every_steps = 20
   c.train.checkpoint_every_steps = 100
   c.optim.learning_rate = 3e-3
-  c.impostors.sigma = 0.3
+  c.loss.nca.sigma = 0.3
   c.eval.batch_size = 128
   c.eval.sigma_grid = (0.1, 0.2, 0.3, 0.5)
   return c

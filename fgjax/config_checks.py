@@ -1,63 +1,90 @@
 """Validation of a training config before any compute.
 
 Every error names the config field and says how to fix it, so a typo costs seconds,
-not a failed job hours later.
+not a failed job hours later. `validate` looks at the config alone; `check_compatible`
+at what it builds (the network's outputs against the loss terms and the policy).
 """
 
 import os
 from typing import Any
 
+from fgjax import impostor_policies
+from fgjax import init_from
+from fgjax import objectives
+from fgjax import optim
 from fgjax import schemes
 
-_TRAINABLE_HELP = "'all', 'head' or 'last:N' (N >= 1 backbone stages)"
 SEARCH_BACKENDS = ("exact", "exact_knn", "scann")
 
-
-def parse_trainable(value: str) -> tuple[str, int]:
-  """'all' -> ('all', 0), 'head' -> ('head', 0), 'last:3' -> ('last', 3)."""
-  if value in ("all", "head"):
-    return value, 0
-  if isinstance(value, str) and value.startswith("last:"):
-    try:
-      n = int(value.split(":", 1)[1])
-    except ValueError:
-      n = 0
-    if n >= 1:
-      return "last", n
-  raise ValueError(f"config.model.trainable={value!r} is not valid; use {_TRAINABLE_HELP}.")
+# Fields that moved when the loss became a list of terms: a config that still sets
+# them would otherwise add a key nothing reads.
+_MOVED = {
+    "impostors.sigma": "config.loss.nca.sigma",
+    "impostors.attachment_weight": "config.loss.attachment.weight",
+    "aux_loss": "config.loss.extra_terms ('center' or 'elope') with "
+                "config.loss.<term>.weight / alpha / gamma / margin / normalize",
+}
 
 
-def _positive(config: Any, path: str, allow_zero: bool = False) -> None:
+def _get(config: Any, path: str) -> Any:
   node = config
   for part in path.split("."):
     node = node[part]
-  ok = node >= 0 if allow_zero else node > 0
+  return node
+
+
+def _has(config: Any, path: str) -> bool:
+  node = config
+  for part in path.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def _positive(config: Any, path: str, allow_zero: bool = False) -> None:
+  value = _get(config, path)
+  ok = value >= 0 if allow_zero else value > 0
   if not ok:
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"config.{path}={node!r} must be {bound}.")
+    raise ValueError(f"config.{path}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
+
+
+def _one_of(config: Any, path: str, allowed, empty_ok: bool = False) -> None:
+  value = _get(config, path)
+  if (empty_ok and value == "") or value in allowed:
+    return
+  raise ValueError(f"config.{path}={value!r} is unknown; use one of "
+                   f"{', '.join(allowed)}" + (" (or '' for the scheme's)" if empty_ok
+                                              else "") + ".")
 
 
 def validate(config: Any) -> None:
   """Raises ValueError naming the first bad field of `config`."""
-  from fgjax import models  # Late import: the registry imports flax model code.
-  if config.scheme not in schemes.NAMES:
-    raise ValueError(f"config.scheme={config.scheme!r} is unknown; use one of "
-                     f"{', '.join(schemes.NAMES)}.")
-  known = models.names()
-  if config.model.backbone not in known:
-    raise ValueError(f"config.model.backbone={config.model.backbone!r} is unknown; "
-                     f"use one of {', '.join(known)}.")
-  parse_trainable(config.model.trainable)
+  # Late imports: the registries pull in flax model code.
+  from fgjax import models
+  from fgjax.models import nets
+  from fgjax.models import pooling
+  for old, new in _MOVED.items():
+    if _has(config, old):
+      raise ValueError(f"config.{old} no longer exists: it moved to {new}.")
+  _one_of(config, "scheme", schemes.NAMES)
+  _one_of(config, "model.backbone", models.names())
+  _one_of(config, "model.net", nets.names(), empty_ok=True)
+  _one_of(config, "model.pooling", pooling.names())
+  _one_of(config, "impostors.policy", impostor_policies.names(), empty_ok=True)
+  _one_of(config, "optim.schedule", optim.SCHEDULES)
+  _one_of(config, "eval.search", SEARCH_BACKENDS)
+  optim.parse_trainable(config.model.trainable)
   weights_path = config.model.get("weights_path") or ""
   if weights_path and not os.path.exists(weights_path):
     raise ValueError(f"config.model.weights_path={weights_path!r} does not exist; "
                      "point it at the .pth file or leave it empty to use the cache.")
   for path in ("model.embed_dim", "train.batch_size", "eval.batch_size",
                "input.image_size", "input.resize_size", "optim.learning_rate",
-               "impostors.sigma", "train.log_every_steps"):
+               "train.log_every_steps", "loss.nca.sigma"):
     _positive(config, path)
   for path in ("train.num_epochs", "optim.weight_decay", "train.checkpoint_every_steps",
-               "impostors.attachment_weight", "impostors.reset_every_epochs"):
+               "impostors.reset_every_epochs"):
     _positive(config, path, allow_zero=True)
   if config.input.image_size > config.input.resize_size:
     raise ValueError(
@@ -66,20 +93,15 @@ def validate(config: Any) -> None:
   grid = list(config.eval.sigma_grid)
   if any(s <= 0 for s in grid):
     raise ValueError(f"config.eval.sigma_grid={grid} has a value <= 0; sigmas must be > 0.")
-  if config.eval.search not in SEARCH_BACKENDS:
-    raise ValueError(f"config.eval.search={config.eval.search!r} is unknown; use one of "
-                     f"{', '.join(SEARCH_BACKENDS)}.")
-  pq_bytes = int(config.impostors.get("pq_bytes", 0))
-  if pq_bytes:
-    if config.scheme in ("ce", "ce_extra"):
-      raise ValueError(f"config.impostors.pq_bytes={pq_bytes} needs an impostor scheme "
-                       f"(tied, fixed, loose), not config.scheme={config.scheme!r}.")
-    if pq_bytes < 0 or config.model.embed_dim % pq_bytes:
-      raise ValueError(f"config.impostors.pq_bytes={pq_bytes} must divide "
-                       f"config.model.embed_dim={config.model.embed_dim} "
-                       "(one 8-bit code per sub-vector).")
-  _validate_aux_loss(config)
-  if config.train.cache_features and parse_trainable(config.model.trainable)[0] != "head":
+  _validate_loss(config)
+  _validate_pq(config)
+  if config.get("init_from"):
+    init_from.parse_parts(config.init_from_parts)
+    if not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
+      raise ValueError(f"config.init_from={config.init_from!r} is not a workdir with "
+                       "checkpoints; point it at a finished run's --workdir.")
+  if config.train.cache_features and optim.parse_trainable(config.model.trainable)[0] \
+      != "head":
     raise ValueError("config.train.cache_features=True needs config.model.trainable="
                      "'head' (cached backbone features are only valid while the "
                      "backbone is frozen).")
@@ -89,24 +111,56 @@ def validate(config: Any) -> None:
                      "config.model.trainable='head'); set both or leave it empty.")
 
 
-def _validate_aux_loss(config: Any) -> None:
-  """config.aux_loss: a known name, non-negative rates, and a weight iff a loss is on."""
-  aux = config.get("aux_loss")
-  if aux is None:  # A config written before aux losses existed: none.
+def _validate_loss(config: Any) -> None:
+  """Known term names; each used term's section, a weight > 0, rates >= 0."""
+  for field in ("terms", "extra_terms"):
+    for name in schemes.split_names(config.loss[field]):
+      if name not in objectives.names():
+        raise ValueError(f"config.loss.{field} names {name!r}, which is not a loss "
+                         f"term; use {', '.join(objectives.names())}.")
+  for name in schemes.resolve(config).terms:
+    if name not in config.loss:
+      raise ValueError(f"config.loss.{name} is missing; configs/common.py has its "
+                       "defaults.")
+    for option in ("alpha", "gamma", "margin"):
+      if option in config.loss[name]:
+        _positive(config, f"loss.{name}.{option}", allow_zero=True)
+    # A term with weight 0 is a silent no-op: almost always a forgotten flag.
+    if not config.loss[name].weight > 0:
+      raise ValueError(f"config.loss.{name}.weight={config.loss[name].weight!r}: a term "
+                       "in the loss needs a weight > 0 (ELoPE eq. 1 uses 2.0 for "
+                       f"'elope'); drop {name!r} from config.loss.terms / extra_terms "
+                       "instead.")
+
+
+def _validate_pq(config: Any) -> None:
+  pq_bytes = int(config.impostors.get("pq_bytes", 0))
+  if not pq_bytes:
     return
-  if aux.name not in schemes.AUX_NAMES:
-    raise ValueError(f"config.aux_loss.name={aux.name!r} is unknown; use one of "
-                     f"{', '.join(schemes.AUX_NAMES)}.")
-  for path in ("aux_loss.weight", "aux_loss.alpha", "aux_loss.gamma",
-               "aux_loss.margin"):
-    _positive(config, path, allow_zero=True)
-  # A weight without a loss (or a loss without a weight) is almost always a forgotten
-  # flag; failing beats a run that silently trains without the intended term.
-  if aux.name == "none" and aux.weight > 0:
-    raise ValueError(f"config.aux_loss.weight={aux.weight!r} but config.aux_loss.name="
-                     "'none'; set config.aux_loss.name to one of center, elope, or the "
-                     "weight to 0.")
-  if aux.name != "none" and aux.weight == 0:
-    raise ValueError(f"config.aux_loss.name={aux.name!r} with config.aux_loss.weight=0 "
-                     "adds nothing to the loss; set config.aux_loss.weight > 0 (ELoPE "
-                     "eq. 1 uses lambda=2.0) or config.aux_loss.name='none'.")
+  if schemes.resolve(config).policy == "none":
+    raise ValueError(f"config.impostors.pq_bytes={pq_bytes} needs an impostor scheme "
+                     f"(tied, fixed, loose), not config.scheme={config.scheme!r}.")
+  if pq_bytes < 0 or config.model.embed_dim % pq_bytes:
+    raise ValueError(f"config.impostors.pq_bytes={pq_bytes} must divide "
+                     f"config.model.embed_dim={config.model.embed_dim} "
+                     "(one 8-bit code per sub-vector).")
+
+
+def check_compatible(resolved, network, objective, policy,
+                     output_shapes: dict[str, Any]) -> None:
+  """Raises ValueError when the loss terms or the policy need what the network lacks."""
+  for term in objective.terms:
+    if term.input not in output_shapes:
+      raise ValueError(
+          f"config.loss.{term.name}.input={term.input!r} is not an output of network "
+          f"{network.name!r} (outputs: {', '.join(sorted(output_shapes))}); "
+          f"scheme {resolved.scheme!r} uses net {resolved.net!r}.")
+  if objective.uses_impostors and not policy.uses_impostors:
+    names = [t.name for t in objective.terms if t.uses_impostors]
+    raise ValueError(f"loss terms {names} need impostors but config.impostors.policy "
+                     f"resolves to {resolved.policy!r}; choose an impostor scheme or "
+                     "policy (fixed, loose, tied).")
+  if policy.uses_impostors and network.embedding_layer is None:
+    raise ValueError(f"impostor policy {resolved.policy!r} needs a network with an "
+                     f"embedding layer; {network.name!r} has none (use "
+                     "config.model.net='impostor' or 'convnet_extra').")

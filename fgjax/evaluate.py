@@ -4,37 +4,13 @@ Embeddings are computed once per split on the accelerator; the classifiers then 
 them, so a sweep over sigma costs no extra forward passes.
 """
 
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fgjax import impostors as impostors_lib
-from fgjax import parallel
-
-
-def collect_outputs(forward: Callable[..., dict], variables: Any,
-                    batches: Iterable[dict[str, np.ndarray]], mesh) -> dict[str, np.ndarray]:
-  """Runs `forward(variables, images)` over `batches`; keeps rows with valid=True.
-
-  Returns NumPy arrays: every output of the network ('features' (N, F),
-  'embedding' (N, E), 'logits' (N, C) when it has a classifier), 'label' (N,),
-  'index' (N,).
-  """
-  chunks: dict[str, list[np.ndarray]] = {}
-  for batch in batches:
-    # Every host feeds its slice; label/index/valid are gathered like the outputs so
-    # that rows line up on every host of a multi-host run.
-    g = parallel.global_batch(batch, mesh)
-    outputs = parallel.to_host(forward(variables, g["image"]))
-    meta = {k: parallel.gather(g[k]) for k in ("label", "index", "valid")}
-    valid = meta.pop("valid").astype(bool)
-    for k, v in {**outputs, **meta}.items():
-      chunks.setdefault(k, []).append(np.asarray(v)[valid])
-  if not chunks:
-    raise ValueError("evaluation got no batches: is the split empty?")
-  return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray,

@@ -1,32 +1,34 @@
-"""Frozen-backbone features of a split, computed once and optionally kept on disk.
+"""Frozen-backbone outputs of a split, computed once and optionally kept on disk.
 
 Head-only training (`config.model.trainable='head'`, `config.train.cache_features=True`)
-never changes the backbone, so its pooled features of every image are fixed: the
-trainer computes them once per split and runs only the heads afterwards, for training,
-impostor initialisation and evaluation alike. On CPU the backbone pass is nearly all
+never changes the backbone, so the backbone outputs its network's head reads (the
+pooled features for 'avg' pooling, the last conv map for the others) are fixed for
+every image: fgjax.split_outputs computes them once per split and runs only the head
+afterwards, for training, impostor initialisation and evaluation alike. On CPU the backbone pass is nearly all
 of such a run's time, so sweeps over learning rate, sigma, scheme or PQ size pay it
 once when `config.train.feature_cache_dir` names a directory shared by the runs.
 
 An entry is keyed by everything that determines the features: backbone and weights
-(path, size, modification time), preprocessing sizes, the data config and the split's
-size and labels (and file paths for image folders). Data files edited in place
+(path, size, modification time), which outputs, preprocessing sizes, the data config
+and the split's size and labels (and file paths for image folders). Data files edited in place
 without changing their paths are not detected: delete the directory then.
 """
 
 import hashlib
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 # Bump when the preprocessing or the backbones change what a key's features are.
-FORMAT_VERSION = 1
-_ARRAYS = ("features", "label", "index")
+FORMAT_VERSION = 2
+_META = ("label", "index")
 
 
-def fingerprint(config: Any, split: str, source: Any, weights_file: Optional[str]) -> str:
-  """Hex digest naming the features of `split` of `source` under `config`."""
+def fingerprint(config: Any, split: str, source: Any, outputs: Sequence[str],
+                weights_file: Optional[str]) -> str:
+  """Hex digest naming the backbone `outputs` of `split` of `source` under `config`."""
   weights = None
   if weights_file and os.path.exists(weights_file):
     st = os.stat(weights_file)
@@ -42,6 +44,7 @@ def fingerprint(config: Any, split: str, source: Any, weights_file: Optional[str
       "resize_size": int(config.input.resize_size),
       "data": config.data.to_dict(),
       "split": split,
+      "outputs": sorted(outputs),
       "size": len(source),
   }, sort_keys=True, default=str).encode())
   digest.update(labels.astype(np.int64).tobytes())
@@ -51,11 +54,12 @@ def fingerprint(config: Any, split: str, source: Any, weights_file: Optional[str
 
 
 def load_or_compute(cache_dir: str, key: str,
-                    compute: Callable[[], dict[str, np.ndarray]],
+                    compute: Callable[[], dict[str, np.ndarray]], outputs: Sequence[str],
                     write: bool = True) -> dict[str, np.ndarray]:
   """The cached arrays under `key`, or `compute()`'s, stored for the next run.
 
-  `compute` returns {'features': (N, F), 'label': (N,), 'index': (N,)}. With an empty
+  `compute` returns {output name: (N, ...) for each of `outputs`, 'label': (N,),
+  'index': (N,)}. With an empty
   `cache_dir` nothing is read or written. The file is written atomically, so a run
   killed mid-write leaves no half file that a later run would trust.
   """
@@ -65,7 +69,7 @@ def load_or_compute(cache_dir: str, key: str,
   if os.path.exists(path):
     try:
       with np.load(path) as f:
-        return {k: f[k] for k in _ARRAYS}
+        return {k: f[k] for k in (*outputs, *_META)}
     except (OSError, ValueError, KeyError) as e:
       raise OSError(f"feature cache file {path} is unreadable ({e}); delete it (or "
                     "the whole config.train.feature_cache_dir) to recompute.") from e
@@ -73,6 +77,6 @@ def load_or_compute(cache_dir: str, key: str,
   if write:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, **{k: out[k] for k in _ARRAYS})
+    np.savez(tmp, **{k: out[k] for k in (*outputs, *_META)})
     os.replace(tmp, path)
   return out

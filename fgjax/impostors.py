@@ -172,14 +172,6 @@ def rbf_log_probs(queries: jax.Array, impostors: ImpostorSet, sigma: Any,
   return _normalise(_finish(m, s).T)
 
 
-def rbf_probs(queries: jax.Array, impostors: ImpostorSet, sigma: Any,
-              num_classes: int, exclude: Optional[jax.Array] = None,
-              chunk_size: Optional[int] = None) -> jax.Array:
-  """(B, C) probabilities of eq. (3): exp of `rbf_log_probs` (same arguments)."""
-  return jnp.exp(rbf_log_probs(queries, impostors, sigma, num_classes,
-                               exclude=exclude, chunk_size=chunk_size))
-
-
 def rbf_log_probs_from_neighbors(sq_dists: jax.Array, indices: jax.Array,
                                  impostor_labels: jax.Array, sigma: Any,
                                  num_classes: int) -> jax.Array:
@@ -272,6 +264,6 @@ def entropy_from_probs(probs: jax.Array) -> jax.Array:
 
 
 __all__ = [
-    "ImpostorSet", "init_impostors", "rbf_log_probs", "rbf_probs",
+    "ImpostorSet", "init_impostors", "rbf_log_probs",
     "rbf_log_probs_from_neighbors", "entropy_from_log_probs", "entropy_from_probs",
 ]

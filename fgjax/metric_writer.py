@@ -32,15 +32,19 @@ class MetricWriter:
     # Appending keeps the history of a run that was killed and resumed.
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
-  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+  def write_scalars(self, step: int, scalars: Mapping[str, Any],
+                    jsonl: bool = True) -> None:
+    """Logs `scalars` at `step` to TensorBoard and, unless jsonl=False, metrics.jsonl."""
     if not self._active:
       return
     clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
     if self._tb is not None:
       for k, v in clean.items():
         self._tb.add_scalar(k, v, step)
-    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
-    self._jsonl.flush()
+    if jsonl:
+      self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **clean})
+                        + "\n")
+      self._jsonl.flush()
 
   def close(self) -> None:
     if self._tb is not None:

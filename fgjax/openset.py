@@ -37,22 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgjax.impostors import entropy_from_log_probs  # re-exported
+from fgjax.losses import _checks
 
 UNKNOWN = -1  # label predicted for rejected (open-set) inputs
-
-
-def _check_log_probs(log_probs: Any) -> jax.Array:
-  if not hasattr(log_probs, "shape") or not hasattr(log_probs, "dtype"):
-    log_probs = np.asarray(log_probs)
-  if log_probs.ndim != 2:
-    raise ValueError(
-        "`log_probs` must be 2-D (batch, num_classes); got shape "
-        f"{tuple(log_probs.shape)}.")
-  if not jnp.issubdtype(log_probs.dtype, jnp.floating):
-    raise TypeError(
-        f"`log_probs` must be floating (log-probabilities); got "
-        f"{log_probs.dtype}.")
-  return jnp.asarray(log_probs)
 
 
 def _check_sample(x: Any, name: str) -> np.ndarray:
@@ -157,7 +144,7 @@ def reject_unknown(log_probs: Any, threshold: float
     pred: (B,) int32 class index, or UNKNOWN (-1) where entropy > threshold.
     is_unknown: (B,) bool, entropy > threshold.
   """
-  log_probs = _check_log_probs(log_probs)
+  log_probs = _checks.float_array(log_probs, "log_probs", 2)
   threshold = float(threshold)
   if math.isnan(threshold):
     raise ValueError("`threshold` is NaN; pass a finite entropy value.")

@@ -3,32 +3,64 @@
 The paper trains with Adam and weight decay 5e-4 in PyTorch, whose `Adam(weight_decay=)`
 adds `wd * w` to the gradient before the Adam moments (coupled L2, not AdamW); we mirror
 that with `add_decayed_weights` before `scale_by_adam`. Frozen leaves (fixed impostors,
-tied impostors between resets, backbone stages a CPU budget leaves untouched) go
+tied impostors between resets, backbone blocks a CPU budget leaves untouched) go
 through `optax.set_to_zero`, so they neither move nor decay, and Adam keeps no state
 for them.
 """
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import optax
 
 TRAIN, FROZEN, IMPOSTORS = "train", "frozen", "impostors"
+SCHEDULES = ("constant", "cosine")
+_TRAINABLE_HELP = "'all', 'head' or 'last:N' (N >= 1 backbone blocks)"
 
 
-def trainable_labels(params: Any, *, train_impostors: bool,
-                     frozen_backbone_stages: frozenset[str]) -> Any:
-  """Tree of 'train'/'frozen' labels matching `params` = {'net': ..., 'centers': ...}."""
+def parse_trainable(value: str) -> tuple[str, int]:
+  """config.model.trainable: 'all' -> ('all', 0), 'head' -> ('head', 0), 'last:3' ->
+  ('last', 3); anything else is a ValueError naming the field."""
+  if value in ("all", "head"):
+    return value, 0
+  if isinstance(value, str) and value.startswith("last:"):
+    try:
+      n = int(value.split(":", 1)[1])
+    except ValueError:
+      n = 0
+    if n >= 1:
+      return "last", n
+  raise ValueError(f"config.model.trainable={value!r} is not valid; use "
+                   f"{_TRAINABLE_HELP}.")
+
+
+def frozen_blocks(trainable: str, blocks: Sequence[str]) -> frozenset[str]:
+  """The backbone blocks config.model.trainable leaves frozen.
+
+  'all' -> none, 'head' -> every block, 'last:N' -> all but the last N of `blocks`
+  (the backbone's top-level parameter groups in forward order).
+  """
+  mode, n = parse_trainable(trainable)
+  if mode == "all":
+    return frozenset()
+  if mode == "head":
+    return frozenset(blocks)
+  if n > len(blocks):
+    raise ValueError(f"config.model.trainable='last:{n}' but the backbone has only "
+                     f"{len(blocks)} blocks: {list(blocks)}.")
+  return frozenset(blocks[:-n])
+
+
+def trainable_labels(trainable: Any, *, train_impostors: bool,
+                     frozen: frozenset[str]) -> Any:
+  """Tree of optimiser labels matching `trainable` = {'net': ..., 'centers'?: ...}."""
   def net_label(path, _):
     top = path[0].key if path else None
     second = path[1].key if len(path) > 1 else None
-    if top == "backbone" and (second in frozen_backbone_stages or
-                              "*" in frozen_backbone_stages):
-      return FROZEN
-    return TRAIN
-  labels = {"net": jax.tree_util.tree_map_with_path(net_label, params["net"])}
-  if "centers" in params:
-    labels["centers"] = TRAIN if train_impostors else FROZEN
+    return FROZEN if top == "backbone" and second in frozen else TRAIN
+  labels = {"net": jax.tree_util.tree_map_with_path(net_label, trainable["net"])}
+  if "centers" in trainable:
+    labels["centers"] = IMPOSTORS if train_impostors else FROZEN
   return labels
 
 
@@ -41,15 +73,17 @@ def make_optimizer(config, labels: Any,
         init_value=0.0, peak_value=o.learning_rate,
         warmup_steps=int(o.warmup_steps), decay_steps=max(int(total_steps), 2),
         end_value=o.learning_rate * o.final_lr_fraction)
-  else:
+  elif o.schedule == "constant":
     schedule = optax.constant_schedule(o.learning_rate)
+  else:
+    raise ValueError(f"config.optim.schedule={o.schedule!r} is unknown; use one of "
+                     f"{', '.join(SCHEDULES)}.")
   steps = []
   if o.grad_clip_norm:
     steps.append(optax.clip_by_global_norm(o.grad_clip_norm))
   if o.weight_decay:
     steps.append(optax.add_decayed_weights(o.weight_decay))
   steps += [optax.scale_by_adam(), optax.scale_by_learning_rate(schedule)]
-  train_tx = optax.chain(*steps)
   # Impostors are data-like parameters, not weights: no weight decay (it would drag
   # them toward the origin and shrink the scale protocol step 3 just set), and their
   # own learning-rate multiplier.
@@ -57,8 +91,6 @@ def make_optimizer(config, labels: Any,
       optax.scale_by_adam(),
       optax.scale_by_learning_rate(
           lambda step: schedule(step) * o.impostor_lr_multiplier))
-  labels = dict(labels)
-  if labels.get("centers") == TRAIN:
-    labels["centers"] = IMPOSTORS
   return optax.multi_transform(
-      {TRAIN: train_tx, FROZEN: optax.set_to_zero(), IMPOSTORS: impostor_tx}, labels)
+      {TRAIN: optax.chain(*steps), FROZEN: optax.set_to_zero(), IMPOSTORS: impostor_tx},
+      labels)

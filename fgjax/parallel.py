@@ -39,11 +39,13 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
         f"use a multiple of {n} (e.g. {max(n, batch_size - batch_size % n)}).")
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles this process's slice of a batch into globally sharded arrays."""
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """Assembles this process's slice of a batch (a pytree of arrays with a leading
+  batch axis) into globally sharded arrays."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return jax.tree.map(
+      lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
+      local_batch)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -20,9 +20,8 @@ import numpy as np
 
 from fgjax import artifact
 from fgjax import evaluate
+from fgjax.data import IMAGE_EXTENSIONS
 from fgjax.data import transforms
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (uses <workdir>/artifact).")
 _ARTIFACT = flags.DEFINE_string("artifact", None, "An exported artifact directory.")
@@ -44,7 +43,8 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
       for root, dirs, files in os.walk(p):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         out += [os.path.join(root, f) for f in sorted(files)
-                if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
+                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+               and not f.startswith(".")]
     else:
       out.append(p)
   return out

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgjax.losses import _checks
+
 MAX_CENTROIDS = 256  # codes are uint8
 INIT_METHODS = ("kmeans++", "random")
 OPQ_INIT_ROTATIONS = ("identity", "random")
@@ -75,17 +77,7 @@ class ProductQuantizer(NamedTuple):
 
 
 def _check_matrix(x: Any, name: str) -> jax.Array:
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    x = np.asarray(x)
-  if x.ndim != 2:
-    raise ValueError(
-        f"`{name}` must be 2-D (num_points, dim); got shape {tuple(x.shape)}. "
-        "Reshape a single vector with x[None, :].")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(
-        f"`{name}` must have a floating dtype (float32 preferred); got "
-        f"{x.dtype}. Cast it with .astype(np.float32).")
-  return jnp.asarray(x, jnp.float32)
+  return jnp.asarray(_checks.check_float_array(x, name, 2), jnp.float32)
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:

@@ -38,27 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgjax.losses import _checks
+
 BACKENDS = ("exact", "scann")
 
 # Below this many impostors ScaNN brute force is both exact and fast enough;
 # above it the tree + AH + reorder pipeline pays off.
 DEFAULT_BRUTE_FORCE_THRESHOLD = 20_000
 DEFAULT_CHUNK_SIZE = 32_768
-
-
-def _as_float_matrix(x: Any, name: str) -> np.ndarray | jax.Array:
-  """Checks that `x` is a 2-D floating array; returns it (not copied)."""
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    x = np.asarray(x)
-  if x.ndim != 2:
-    raise ValueError(
-        f"`{name}` must be 2-D (num_points, dim); got shape {tuple(x.shape)}. "
-        "Reshape a single vector with x[None, :].")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(
-        f"`{name}` must have a floating dtype (float32 preferred); got "
-        f"{x.dtype}. Cast it with .astype(np.float32).")
-  return x
 
 
 def _check_k(k: Any, size: int) -> int:
@@ -94,7 +81,7 @@ class NeighborIndex(abc.ABC):
     return self._dim
 
   def _check_queries(self, queries: Any) -> Any:
-    queries = _as_float_matrix(queries, "queries")
+    queries = _checks.check_float_array(queries, "queries", 2)
     if queries.shape[1] != self._dim:
       raise ValueError(
           f"`queries` has dimension {queries.shape[1]} but the index holds "
@@ -196,7 +183,7 @@ class ExactIndex(NeighborIndex):
         the search is a single matmul + top_k.
       device: where to keep the centers; default: JAX's default device.
     """
-    centers = _as_float_matrix(centers, "centers")
+    centers = _checks.check_float_array(centers, "centers", 2)
     m, d = centers.shape
     if m == 0:
       raise ValueError("`centers` is empty (M=0); an index needs >= 1 center.")
@@ -296,7 +283,7 @@ class ScannIndex(NeighborIndex):
       num_threads: search threads (1 = `search_batched`; 0 = all cores).
     """
     scann_ops_pybind = _import_scann()
-    centers = _as_float_matrix(centers, "centers")
+    centers = _checks.check_float_array(centers, "centers", 2)
     centers = np.ascontiguousarray(np.asarray(centers, np.float32))
     m, d = centers.shape
     if m == 0:
@@ -463,7 +450,7 @@ def classify(queries: Any, impostor_centers: Any, impostor_labels: Any,
   Returns:
     (B, C) float32 log-probabilities (-inf for classes with no neighbour).
   """
-  impostor_centers = _as_float_matrix(impostor_centers, "impostor_centers")
+  impostor_centers = _checks.check_float_array(impostor_centers, "impostor_centers", 2)
   if index is None:
     index = build_index(impostor_centers, "exact")
   elif (index.size, index.dim) != tuple(impostor_centers.shape):

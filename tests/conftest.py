@@ -17,6 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 BIRDS525 = REPO.parent / "shared" / "data" / "birds525"
+CARS196 = REPO.parent / "shared" / "data" / "cars196"
 
 
 def require_birds525():
@@ -31,3 +32,17 @@ def require_birds525():
 @pytest.fixture
 def birds525_root():
   return require_birds525()
+
+
+def require_cars196():
+  """Returns the cars196 root; fails under CI=true when missing, else skips."""
+  if CARS196.is_dir():
+    return CARS196
+  if os.environ.get("CI") == "true":
+    pytest.fail(f"cars196 is required in CI but missing at {CARS196}")
+  pytest.skip(f"cars196 not found at {CARS196}")
+
+
+@pytest.fixture
+def cars196_root():
+  return require_cars196()

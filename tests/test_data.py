@@ -9,8 +9,10 @@ from PIL import Image
 import pytest
 
 from fgjax import data
+from fgjax.data import digits
+from fgjax.data import folder
 from fgjax.data import pipeline
-from fgjax.data import sources
+from fgjax.data import splits as splits_lib
 from fgjax.data import transforms
 
 
@@ -106,48 +108,14 @@ def test_train_transform_is_a_window_or_its_mirror():
   assert seen_flip == {True, False}
 
 
-def test_crop_to_bbox_known_answer():
+def test_crop_box_known_answer():
   img = _rgb(0, 10, 20)
-  np.testing.assert_array_equal(transforms.crop_to_bbox(img, (0.2, 0.25, 0.6, 0.5)),
+  np.testing.assert_array_equal(transforms.crop_box(img, (0.2, 0.25, 0.6, 0.5)),
                                 img[2:6, 5:10])
-  assert transforms.crop_to_bbox(img, (1.0, 1.0, 1.0, 1.0)).shape == (1, 1, 3)
+  assert transforms.crop_box(img, (1.0, 1.0, 1.0, 1.0)).shape == (1, 1, 3)
   np.testing.assert_allclose(transforms.union_bbox([[0.1, 0.2, 0.3, 0.4],
                                                     [0.0, 0.3, 0.2, 0.9]]),
                              [0.0, 0.2, 0.3, 0.9])
-
-
-# ---- splits --------------------------------------------------------------------------
-def test_parse_split():
-  assert sources.parse_split("canonical") == ("canonical", {})
-  assert sources.parse_split("train:3,val:1,test:1") == (
-      "counts", {"train": 3.0, "val": 1.0, "test": 1.0})
-  assert sources.parse_split("train:0.7, test:0.3")[0] == "fractions"
-  for bad in ["", "train:3", "train:3,tst:1", "train:0.8,test:0.5", "train:a,test:1",
-              "train:3,train:1,test:1", "train:0,test:1"]:
-    with pytest.raises(ValueError, match="config.data.split"):
-      sources.parse_split(bad)
-
-
-def test_stratified_split_counts_and_fractions():
-  labels = np.repeat(np.arange(4), [5, 6, 7, 10])
-  parts = sources.stratified_split(labels, "counts", {"train": 3, "val": 1, "test": 1}, 0)
-  for name, k in [("train", 3), ("val", 1), ("test", 1)]:
-    np.testing.assert_array_equal(np.bincount(labels[parts[name]], minlength=4), [k] * 4)
-  allpos = np.concatenate(list(parts.values()))
-  assert len(np.unique(allpos)) == len(allpos)  # Disjoint.
-  again = sources.stratified_split(labels, "counts", {"train": 3, "val": 1, "test": 1}, 0)
-  other = sources.stratified_split(labels, "counts", {"train": 3, "val": 1, "test": 1}, 1)
-  assert all(np.array_equal(parts[k], again[k]) for k in parts)
-  assert not all(np.array_equal(parts[k], other[k]) for k in parts)
-  fr = sources.stratified_split(labels, "fractions",
-                                {"train": 0.6, "val": 0.2, "test": 0.2}, 0)
-  # Largest remainder per class: 5 -> 3/1/1, 6 -> 4/1/1, 7 -> 4/2/1, 10 -> 6/2/2.
-  np.testing.assert_array_equal(np.bincount(labels[fr["train"]]), [3, 4, 4, 6])
-  np.testing.assert_array_equal(np.bincount(labels[fr["val"]]), [1, 1, 2, 2])
-  np.testing.assert_array_equal(np.bincount(labels[fr["test"]]), [1, 1, 1, 2])
-  assert sum(len(v) for v in fr.values()) == len(labels)
-  with pytest.raises(ValueError, match="class '0' has 5"):
-    sources.stratified_split(labels, "counts", {"train": 5, "test": 1}, 0, ["0"] * 4)
 
 
 # ---- image folders -------------------------------------------------------------------
@@ -247,6 +215,26 @@ def test_bad_config_names_the_field(tmp_path, field, value, match):
   cfg[field] = value
   with pytest.raises(ValueError, match=match):
     data.get_splits(cfg)
+
+
+def test_unknown_source_lists_the_registered_names():
+  with pytest.raises(ValueError, match="config.data.source") as e:
+    data.get_splits({"source": "imagenet"})
+  for name in ("image_folder", "birds525", "cars196", "digits", "tfds"):
+    assert name in str(e.value)
+  assert set(data.source_names()) >= {"image_folder", "birds525", "cars196", "digits",
+                                       "tfds"}
+
+
+def test_image_extensions_are_one_list(tmp_path):
+  assert data.IMAGE_EXTENSIONS is transforms.IMAGE_EXTENSIONS
+  assert {".jpg", ".png", ".jfif"} <= data.IMAGE_EXTENSIONS
+  root = _make_folder(tmp_path / "d", num_classes=2, per_class=1)
+  Image.fromarray(_rgb(0)).save(root / "class_00" / "2.JPG")  # Suffix case ignored.
+  (root / "class_01" / "2.txt").write_text("not an image")
+  scan = folder.scan_image_folder(root)
+  assert [pathlib.Path(p).name for p in scan.paths] == ["1.png", "2.JPG", "1.png"]
+  np.testing.assert_array_equal(scan.labels, [0, 0, 1])
 
 
 def test_missing_root_is_file_not_found(tmp_path):
@@ -401,7 +389,8 @@ def test_birds525_canonical(birds525_root):
 
 
 def test_default_birds525_root_resolves(birds525_root):
-  assert sources.default_birds525_root().resolve() == pathlib.Path(birds525_root).resolve()
+  assert folder.shared_data_root("birds525").resolve() == \
+      pathlib.Path(birds525_root).resolve()
   assert pipeline.steps_per_epoch(range(1575), 32) == 49
 
 
@@ -414,3 +403,15 @@ def test_digits_classes_subset_and_holdout():
   from sklearn import datasets
   counts = np.bincount(datasets.load_digits().target)
   assert len(splits.unknown) == counts[5] - round(counts[5] * 0.5)
+  # Exactly the shared split + class selection: stratified positions, then classes
+  # 1, 3, 7 re-indexed 0, 1, 2 and class 5's test images as the unknown split.
+  images, labels = digits.digits_images()
+  parts = splits_lib.stratified_split(labels, "fractions", {"train": 0.5, "test": 0.5}, 0)
+  remap = {1: 0, 3: 1, 7: 2}
+  for split, source in [("train", splits.train), ("test", splits.test)]:
+    pos = [p for p in parts[split] if labels[p] in remap]
+    np.testing.assert_array_equal(source.images, images[pos])
+    np.testing.assert_array_equal(source.labels, [remap[labels[p]] for p in pos])
+  pos = [p for p in parts["test"] if labels[p] == 5]
+  np.testing.assert_array_equal(splits.unknown.images, images[pos])
+  assert splits.unknown[0]["label"] == -1 and splits.unknown[0]["index"] == 0

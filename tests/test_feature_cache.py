@@ -6,27 +6,33 @@ import numpy as np
 import pytest
 
 from fgjax import feature_cache
+from fgjax import split_outputs
 from fgjax import train
 from tests.test_train import small_config
 
 
-def head_config(cache_dir="", scheme="fixed", steps=6):
+def head_config(cache_dir="", scheme="fixed", steps=6, **overrides):
   return small_config(scheme, steps=steps, **{"model.trainable": "head",
                                               "train.cache_features": True,
-                                              "train.feature_cache_dir": cache_dir})
+                                              "train.feature_cache_dir": cache_dir,
+                                              **overrides})
 
 
-def test_split_outputs_from_features_equal_full_forward(tmp_path):
-  trainer = train.Trainer(head_config(), str(tmp_path))
-  state = trainer.initial_state(with_impostors=True)
-  variables = {"params": state["params"]["net"], "batch_stats": state["batch_stats"]}
+@pytest.mark.parametrize("pooling", ["avg", "kmax"])
+def test_split_outputs_from_features_equal_full_forward(tmp_path, pooling):
+  # 'avg' caches the pooled features, 'kmax' the last conv map.
+  run = train.Run(head_config(**{"model.pooling": pooling}))
+  assert run.network.reads == (("pooled",) if pooling == "avg" else ("map",))
+  variables = run.initial_state().variables()
+  full = split_outputs.SplitOutputs(run.network, run.splits, run.mesh, small_config())
+  assert not full.cache_features
   for split in ("train", "val", "test"):
-    heads_only = trainer.split_outputs(variables, split)
-    full = trainer.outputs(variables, getattr(trainer.splits, split))
-    order = np.argsort(full["index"])
-    np.testing.assert_array_equal(heads_only["index"], np.arange(len(order)))
-    np.testing.assert_array_equal(heads_only["label"], full["label"][order])
-    np.testing.assert_allclose(heads_only["embedding"], full["embedding"][order],
+    heads_only = run.outputs.outputs(variables, split, ("embedding",))
+    want = full.outputs(variables, split, ("embedding",))
+    np.testing.assert_array_equal(heads_only["index"], np.arange(len(want["index"])))
+    np.testing.assert_array_equal(heads_only["index"], want["index"])
+    np.testing.assert_array_equal(heads_only["label"], want["label"])
+    np.testing.assert_allclose(heads_only["embedding"], want["embedding"],
                                rtol=1e-5, atol=1e-6)
 
 
@@ -39,7 +45,7 @@ def test_shared_cache_dir_skips_the_backbone_and_gives_same_results(tmp_path, mo
   def no_backbone(*args, **kwargs):
     raise AssertionError("the backbone ran although its features were cached")
 
-  monkeypatch.setattr(train.Trainer, "outputs", no_backbone)
+  monkeypatch.setattr(split_outputs.SplitOutputs, "_image_outputs", no_backbone)
   second = train.train_and_evaluate(head_config(str(cache)), str(tmp_path / "b"))
   assert sorted(os.listdir(cache)) == files
   for split in ("val", "test"):
@@ -49,26 +55,28 @@ def test_shared_cache_dir_skips_the_backbone_and_gives_same_results(tmp_path, mo
 
 def test_fingerprint_separates_what_changes_features(tmp_path):
   config = head_config()
-  splits = train.Trainer(config, str(tmp_path)).splits
-  key = feature_cache.fingerprint(config, "val", splits.val, None)
-  assert key == feature_cache.fingerprint(head_config(), "val", splits.val, None)
-  assert key != feature_cache.fingerprint(config, "test", splits.test, None)
+  splits = train.Run(config).splits
+  out = ("pooled",)
+  key = feature_cache.fingerprint(config, "val", splits.val, out, None)
+  assert key == feature_cache.fingerprint(head_config(), "val", splits.val, out, None)
+  assert key != feature_cache.fingerprint(config, "test", splits.test, out, None)
+  assert key != feature_cache.fingerprint(config, "val", splits.val, ("map",), None)
   other = head_config()
   other.data.seed = 1  # another stratified split of the digits
-  assert key != feature_cache.fingerprint(other, "val", splits.val, None)
+  assert key != feature_cache.fingerprint(other, "val", splits.val, out, None)
   bigger = head_config()
   bigger.input.resize_size = 10
-  assert key != feature_cache.fingerprint(bigger, "val", splits.val, None)
+  assert key != feature_cache.fingerprint(bigger, "val", splits.val, out, None)
   weights = tmp_path / "w.pth"
   weights.write_bytes(b"x")
-  assert key != feature_cache.fingerprint(config, "val", splits.val, str(weights))
+  assert key != feature_cache.fingerprint(config, "val", splits.val, out, str(weights))
 
 
 def test_unreadable_cache_file_names_it(tmp_path):
   path = tmp_path / "features_k.npz"
   path.write_bytes(b"not an npz")
   with pytest.raises(OSError, match="features_k.npz.*delete it"):
-    feature_cache.load_or_compute(str(tmp_path), "k", lambda: {})
+    feature_cache.load_or_compute(str(tmp_path), "k", lambda: {}, ("pooled",))
 
 
 def test_load_or_compute_writes_once_and_reads_back(tmp_path):
@@ -76,17 +84,18 @@ def test_load_or_compute_writes_once_and_reads_back(tmp_path):
 
   def compute():
     calls.append(1)
-    return {"features": np.ones((3, 2), np.float32), "label": np.arange(3),
+    return {"map": np.ones((3, 2, 2, 4), np.float32), "label": np.arange(3),
             "index": np.arange(3)}
 
-  a = feature_cache.load_or_compute(str(tmp_path), "k", compute)
-  b = feature_cache.load_or_compute(str(tmp_path), "k", compute)
+  a = feature_cache.load_or_compute(str(tmp_path), "k", compute, ("map",))
+  b = feature_cache.load_or_compute(str(tmp_path), "k", compute, ("map",))
   assert len(calls) == 1
-  np.testing.assert_array_equal(a["features"], b["features"])
+  np.testing.assert_array_equal(a["map"], b["map"])
+  assert set(b) == {"map", "label", "index"}
   assert os.listdir(tmp_path) == ["features_k.npz"]  # no temporary file left behind
 
 
 def test_cache_dir_without_cached_features_is_a_config_error(tmp_path):
   config = small_config("fixed", steps=2, **{"train.feature_cache_dir": str(tmp_path)})
   with pytest.raises(ValueError, match="config.train.feature_cache_dir"):
-    train.Trainer(config, str(tmp_path))
+    train.Run(config)

@@ -11,6 +11,7 @@ import pytest
 from fgjax import models
 from fgjax.models import cpu_ops
 from fgjax.models import layers
+from fgjax.data import transforms
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,13 +27,13 @@ def _sample_images_224() -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _lite0_top():
   spec = models.get("efficientnet_lite0", pretrained=True, include_top=True)
-  apply = jax.jit(lambda v, x: spec.module.apply(v, x, train=False))
+  apply = jax.jit(lambda v, x: spec.module.apply(v, x, train=False)["logits"])
   return spec, apply
 
 
 def test_known_answer_efficientnet_lite0_sample_images():
   spec, apply = _lite0_top()
-  x = models.normalise(_sample_images_224(), spec)
+  x = transforms.normalize(_sample_images_224(), spec.mean, spec.std)
   logits = np.asarray(apply(spec.variables, x))
   assert logits.shape == (2, 1000)
   # china.jpg -> 442 'bell cote' (n02825657); flower.jpg -> 985 'daisy' (n11939491).
@@ -55,18 +56,56 @@ def test_names_and_unknown_name():
                                        ("squeezenet1_1", 35), ("resnet18", 33)])
 def test_spec_shapes_stages_and_train_mode(name, size):
   spec = models.get(name)
-  assert sorted(spec.variables["params"]) == sorted(spec.stage_names)
+  assert sorted(spec.variables["params"]) == sorted(spec.blocks)
   x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
   # Shapes only (tracing, no compile): values are covered by the parity tests.
-  feats = jax.eval_shape(lambda v, x: spec.module.apply(v, x, train=False),
-                         spec.variables, x)
-  assert feats.shape == (2, spec.feature_dim) and feats.dtype == jnp.float32
+  out = jax.eval_shape(lambda v, x: spec.module.apply(v, x, train=False),
+                       spec.variables, x)
+  assert set(out) == set(spec.outputs)
+  assert out["pooled"].shape == (2, spec.feature_dim)
+  assert out["pooled"].dtype == jnp.float32
+  assert out["map"].shape[0] == 2 and out["map"].shape[-1] == spec.feature_dim
+  for k in spec.outputs[:-1]:
+    assert out[k].ndim == 4 and out[k].shape[0] == 2, k
   out, updates = jax.eval_shape(
       lambda v, x: spec.module.apply(v, x, train=True, mutable=["batch_stats"]),
       spec.variables, x)
-  assert out.shape == (2, spec.feature_dim)
+  assert out["pooled"].shape == (2, spec.feature_dim)
   assert (jax.tree.structure(dict(updates).get("batch_stats", {})) ==
           jax.tree.structure(spec.variables["batch_stats"]))
+
+
+@pytest.mark.parametrize("name,size", [("small_cnn", 16), ("efficientnet_lite0", 64),
+                                       ("squeezenet1_1", 64), ("resnet18", 64)])
+def test_run_up_to_a_stage_and_continue_from_it(name, size):
+  spec = models.get(name)
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  apply = lambda x, **kw: spec.module.apply(spec.variables, x, train=False, **kw)  # noqa: E731
+  full = apply(x)
+  cut = spec.outputs[1]
+  head = apply(x, stop=cut)
+  assert list(head) == list(spec.outputs[:2])  # nothing after `cut` ran
+  tail = apply(head[cut], start=cut)
+  assert list(tail) == list(spec.outputs[2:])
+  for k in spec.outputs:
+    got = head[k] if k in head else tail[k]
+    np.testing.assert_allclose(got, full[k], rtol=1e-5, atol=1e-5)
+  # A middle piece alone, as sequential early exit runs it.
+  mid = apply(head[cut], start=cut, stop="map")
+  assert list(mid) == list(spec.outputs[2:-1])
+  with pytest.raises(ValueError, match="outputs are stem"):
+    apply(x, stop="stage9")
+  with pytest.raises(ValueError, match="comes before"):
+    apply(head[cut], start=cut, stop="stem")
+
+
+def test_stop_before_the_head_builds_no_later_layers():
+  spec = models.get("efficientnet_lite0")
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda v, x: spec.module.apply(v, x, stop="stage2"))(
+      spec.variables, x)
+  full = jax.make_jaxpr(lambda v, x: spec.module.apply(v, x))(spec.variables, x)
+  assert len(str(jaxpr)) < 0.25 * len(str(full))
 
 
 def test_small_cnn_train_mode_updates_batch_stats():
@@ -74,7 +113,7 @@ def test_small_cnn_train_mode_updates_batch_stats():
   x = jax.random.normal(jax.random.key(1), (4, 12, 12, 3)) * 3.0 + 1.0
   out, updates = jax.jit(lambda v, x: spec.module.apply(
       v, x, train=True, mutable=["batch_stats"]))(spec.variables, x)
-  assert out.shape == (4, 128)
+  assert out["pooled"].shape == (4, 128)
   # First BN sees conv(x) with batch mean m; running mean <- 0.9 * 0 + 0.1 * m.
   kernel = np.asarray(spec.variables["params"]["stage0"]["conv"]["kernel"])
   xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -217,7 +256,7 @@ def test_train_step_cpu_rewrites_equal_plain_lax(name):
       def loss(params):
         out, upd = module.apply({**spec.variables, "params": params}, x, train=True,
                                 mutable=["batch_stats"])
-        return jnp.mean(out ** 2), upd
+        return jnp.mean(out["pooled"] ** 2), upd
       return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
     (l_got, upd_got), g_got = grads(spec.module)
@@ -363,9 +402,9 @@ def test_fold_batch_norm_same_outputs():
                        spec.variables["batch_stats"])
   variables = {"params": spec.variables["params"], "batch_stats": stats}
   x = jnp.asarray(rng.normal(size=(3, 16, 16, 3)), jnp.float32)
-  want = spec.module.apply(variables, x, train=False)
+  want = spec.module.apply(variables, x, train=False)["pooled"]
   folded = layers.fold_batch_norm(variables, spec.bn_epsilon)
-  got = spec.module.clone(fold_bn=True).apply(folded, x, train=False)
+  got = spec.module.clone(fold_bn=True).apply(folded, x, train=False)["pooled"]
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
@@ -389,7 +428,7 @@ def test_parity_efficientnet_lite0_vs_reference():
                      weights_only=True)
   net.load_state_dict(state)
   net.eval()
-  x = models.normalise(_sample_images_224(), spec)
+  x = transforms.normalize(_sample_images_224(), spec.mean, spec.std)
   with torch.no_grad():
     want = net(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
   _assert_logits_close(apply(spec.variables, x), want)
@@ -417,7 +456,8 @@ def test_parity_torchvision(name, size, tmp_path):
   x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
   with torch.no_grad():
     want = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-  got = jax.jit(lambda v, x: spec.module.apply(v, x, train=False))(spec.variables, x)
+  got = jax.jit(lambda v, x: spec.module.apply(v, x, train=False)["logits"])(
+      spec.variables, x)
   _assert_logits_close(got, want)
   # The features (include_top=False) are the pooled input of the classifier.
   feats = models.get(name, pretrained=True, weights_path=path)
@@ -436,7 +476,7 @@ def _torch_grads(torch, net, features, x, names):
 def _jax_grads(spec, x, paths):
   def loss(params, x):
     out = spec.module.apply({**spec.variables, "params": params}, x, train=False)
-    return jnp.mean(out ** 2)
+    return jnp.mean(out["pooled"] ** 2)
   gp, gx = jax.jit(jax.grad(loss, (0, 1)))(spec.variables["params"], jnp.asarray(x))
   leaf = lambda tree, path: functools.reduce(lambda t, k: t[k], path, tree)  # noqa: E731
   return np.asarray(gx), [np.asarray(leaf(gp, p)) for p in paths]

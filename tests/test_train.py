@@ -15,7 +15,7 @@ import pytest
 
 from configs import digits_loose
 from fgjax import train
-from fgjax.models import heads
+from fgjax import update as update_lib
 from tests.test_losses import _elope_ref, _means_ref
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,25 +37,37 @@ def small_config(scheme="loose", steps=12, **overrides):
   return c
 
 
+def read_rows(workdir):
+  text = (pathlib.Path(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines()]
+
+
+def read_json(path):
+  return json.loads(pathlib.Path(path).read_text())
+
+
 def read_losses(workdir):
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  rows = read_rows(workdir)
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def final_state(workdir, config):
-  trainer = train.Trainer(config, str(workdir))
   import orbax.checkpoint as ocp
   mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          trainer.initial_state(with_impostors=False))
   step = mngr.latest_step()
-  return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  state = mngr.restore(step, args=ocp.args.StandardRestore(train.Run(config).abstract_state()))
+  mngr.close()
+  return step, state
+
+
+def without_times(results):
+  return {k: v for k, v in results.items() if k not in ("wall_seconds", "train_seconds")}
 
 
 def test_digits_loose_learns_and_writes_results(tmp_path):
   config = small_config("loose", steps=60)
   results = train.train_and_evaluate(config, str(tmp_path))
-  on_disk = json.load(open(tmp_path / "results.json"))
+  on_disk = read_json(tmp_path / "results.json")
   assert on_disk["steps"] == 60
   # 10 classes: chance is 0.1. 60 steps of a small CNN reach far above it.
   assert results["splits"]["test"]["rbf"]["top1"] > 0.8
@@ -84,44 +96,49 @@ def test_fixed_impostors_stay_fixed_and_loose_move(tmp_path):
   states = {}
   for scheme in ("fixed", "loose"):
     config = small_config(scheme, steps=5)
-    trainer = train.Trainer(config, str(tmp_path / scheme))
-    initial = trainer.initial_state(with_impostors=True)
-    c0 = np.asarray(initial["params"]["impostors"].centers)
+    initial = train.Run(config).initial_state()
+    c0 = np.asarray(initial.impostors.centers)
     # Protocol step 3: impostors are divided by their mean L2 norm.
     np.testing.assert_allclose(np.linalg.norm(c0, axis=1).mean(), 1.0, rtol=1e-4)
     train.train_and_evaluate(config, str(tmp_path / scheme))
     _, state = final_state(tmp_path / scheme, config)
-    states[scheme] = (c0, np.asarray(state["params"]["impostors"].centers))
+    states[scheme] = (c0, np.asarray(state.impostors.centers))
   np.testing.assert_array_equal(*states["fixed"])
   assert np.abs(states["loose"][0] - states["loose"][1]).max() > 1e-4
 
 
 def test_tied_reset_sets_impostors_to_embeddings(tmp_path):
-  config = small_config("tied", steps=3)
-  trainer = train.Trainer(config, str(tmp_path))
-  state = trainer.initial_state(with_impostors=True)
-  state = trainer.reset_impostors(state)
-  variables = {"params": state["params"]["net"], "batch_stats": state["batch_stats"]}
-  out = trainer.outputs(variables, trainer.splits.train)
-  order = np.argsort(out["index"])
-  np.testing.assert_allclose(np.asarray(state["params"]["impostors"].centers),
-                             out["embedding"][order], rtol=1e-5, atol=1e-6)
+  config = small_config("tied", steps=40, **{"impostors.reset_every_epochs": 1})
+  run = train.Run(config)
+  assert run.steps_per_epoch == 16  # 1,078 training digits / 64
+  state = run.initial_state()
+  # Move the network away from the initial one, so a reset is visible.
+  moved = jax.tree.map(lambda p: p * 1.5, state.params["net"])
+  state = state.replace(params={**state.params, "net": moved})
+  before = np.asarray(state.impostors.centers)
+  context = run.policy_context()
+  for step in (1, 15, 40):  # not a reset step, not a reset step, the last step
+    assert run.policy.after_step(state, step, context) is state
+  reset = run.policy.after_step(state, 16, context)
+  emb, labels = run.outputs.train_embeddings(state.variables())
+  np.testing.assert_allclose(np.asarray(reset.impostors.centers), emb, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(reset.impostors.labels), labels)
+  assert np.abs(emb - before).max() > 1e-3
 
 
-@pytest.mark.parametrize("aux", ["none", "elope"])
+@pytest.mark.parametrize("aux", ["", "elope"])
 def test_four_devices_match_one_device(tmp_path, aux):
   assert jax.device_count() >= 4, "conftest forces 4 host devices"
   losses, means = {}, {}
-  extra = {"aux_loss.name": aux, "aux_loss.weight": 2.0} if aux != "none" else {}
   for n in (1, 4):
-    config = small_config("loose", steps=4, num_devices=n, **extra)
+    config = small_config("loose", steps=4, num_devices=n, **{"loss.extra_terms": aux})
     train.train_and_evaluate(config, str(tmp_path / f"d{n}"))
     losses[n] = read_losses(tmp_path / f"d{n}")
-    if aux != "none":
-      means[n] = np.asarray(final_state(tmp_path / f"d{n}", config)[1]["class_means"])
+    if aux:
+      means[n] = np.asarray(final_state(tmp_path / f"d{n}", config)[1].loss_state[aux])
   for step in range(1, 5):
     np.testing.assert_allclose(losses[4][step], losses[1][step], rtol=2e-4)
-  if aux != "none":  # The class means are state too: the same on 1 and 4 devices.
+  if aux:  # The class means are state too: the same on 1 and 4 devices.
     assert np.abs(means[1]).max() > 0
     np.testing.assert_allclose(means[4], means[1], rtol=1e-4, atol=1e-6)
 
@@ -129,11 +146,10 @@ def test_four_devices_match_one_device(tmp_path, aux):
 def test_head_only_with_cached_features(tmp_path):
   config = small_config("fixed", steps=8, **{"model.trainable": "head",
                                              "train.cache_features": True})
-  trainer = train.Trainer(config, str(tmp_path))
-  before = trainer.initial_state(with_impostors=True)["params"]["net"]["backbone"]
+  before = train.Run(config).initial_state().params["net"]["backbone"]
   train.train_and_evaluate(config, str(tmp_path))
   _, state = final_state(tmp_path, config)
-  after = state["params"]["net"]["backbone"]
+  after = state.params["net"]["backbone"]
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -165,22 +181,34 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  # Resume with the same total as the reference run.
+  # Resume with the same total as the reference run (checkpoint_every_steps and the
+  # number of steps are fields a resume may change).
   results = train.train_and_evaluate(small_config("loose", steps=steps), str(killed))
   assert results["steps"] == steps
   step, resumed = final_state(killed, small_config("loose", steps=steps))
   assert step == steps
-  for a, b in zip(jax.tree.leaves(reference["params"]), jax.tree.leaves(resumed["params"])):
+  for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  # Every step logged once, and the same results as the uninterrupted run.
+  rows = read_rows(killed)
+  assert [r["step"] for r in rows] == list(range(1, steps + 1))
+  want = read_json(full / "results.json")
+  got = read_json(killed / "results.json")
+  assert got["impostor_scale"] == want["impostor_scale"] is not None
+  assert without_times(got)["splits"] == without_times(want)["splits"]
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("scheme", "bogus", "config.scheme"),
     ("model.backbone", "nope", "config.model.backbone"),
-    ("impostors.sigma", 0.0, "config.impostors.sigma"),
+    ("model.net", "resnext", "config.model.net"),
+    ("model.pooling", "median", "config.model.pooling"),
+    ("loss.nca.sigma", 0.0, "config.loss.nca.sigma"),
     ("model.trainable", "last:x", "config.model.trainable"),
     ("eval.sigma_grid", (0.1, -1.0), "config.eval.sigma_grid"),
     ("input.image_size", 300, "config.input.image_size"),
+    ("optim.schedule", "foo", "config.optim.schedule"),
+    ("impostors.policy", "sticky", "config.impostors.policy"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, field, value, match):
   config = small_config(**{field: value})
@@ -190,28 +218,34 @@ def test_bad_config_fails_before_compute(tmp_path, field, value, match):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"aux_loss.name": "triplet", "aux_loss.weight": 1.0}, "config.aux_loss.name"),
-    ({"aux_loss.name": "elope", "aux_loss.weight": -1.0}, "config.aux_loss.weight"),
-    ({"aux_loss.name": "elope", "aux_loss.weight": 1.0, "aux_loss.alpha": -0.5},
-     "config.aux_loss.alpha"),
-    ({"aux_loss.name": "elope", "aux_loss.weight": 1.0, "aux_loss.gamma": -1.0},
-     "config.aux_loss.gamma"),
-    ({"aux_loss.name": "elope", "aux_loss.weight": 1.0, "aux_loss.margin": -1.0},
-     "config.aux_loss.margin"),
-    # A loss without a weight, or a weight without a loss: an error, not a no-op.
-    ({"aux_loss.name": "center", "aux_loss.weight": 0.0}, "config.aux_loss.weight=0"),
-    ({"aux_loss.weight": 2.0}, "config.aux_loss.name='none'"),
+    ({"loss.extra_terms": "triplet"}, "config.loss.extra_terms"),
+    ({"loss.terms": "nca,focal"}, "config.loss.terms"),
+    ({"loss.extra_terms": "elope", "loss.elope.weight": -1.0}, "config.loss.elope.weight"),
+    ({"loss.extra_terms": "elope", "loss.elope.alpha": -0.5}, "config.loss.elope.alpha"),
+    ({"loss.extra_terms": "elope", "loss.elope.gamma": -1.0}, "config.loss.elope.gamma"),
+    ({"loss.extra_terms": "elope", "loss.elope.margin": -1.0}, "config.loss.elope.margin"),
+    # A term in the loss with weight 0 is a silent no-op: an error.
+    ({"loss.extra_terms": "center", "loss.center.weight": 0.0}, "config.loss.center.weight"),
+    # Terms the network cannot feed, or that need impostors the policy lacks.
+    ({"loss.terms": "ce"}, "config.loss.ce.input='logits' is not an output"),
+    ({"scheme": "ce", "loss.terms": "nca"}, "need impostors"),
 ])
-def test_bad_aux_loss_config_fails_before_compute(tmp_path, overrides, match):
+def test_bad_loss_config_fails_before_compute(tmp_path, overrides, match):
   config = small_config(**overrides)
-  with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+  with pytest.raises(ValueError, match=match.replace(".", r"\.").replace("(", r"\(")):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_moved_config_field_is_named(tmp_path):
+  config = small_config()
+  config.impostors.sigma = 0.3  # The pre-loss-terms name of config.loss.nca.sigma.
+  with pytest.raises(ValueError, match=r"config\.impostors\.sigma .*config\.loss\.nca\.sigma"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
 def aux_config(scheme="ce_extra", name="elope", steps=6, **overrides):
-  return small_config(scheme, steps=steps, **{"aux_loss.name": name,
-                                              "aux_loss.weight": 2.0, **overrides})
+  return small_config(scheme, steps=steps, **{"loss.extra_terms": name, **overrides})
 
 
 @pytest.mark.parametrize("scheme,name,overrides", [
@@ -222,19 +256,18 @@ def aux_config(scheme="ce_extra", name="elope", steps=6, **overrides):
 def test_aux_loss_trains_and_checkpoints_class_means(tmp_path, scheme, name, overrides):
   config = aux_config(scheme, name, **overrides)
   train.train_and_evaluate(config, str(tmp_path))
-  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  aux = [r["aux_loss"] for r in rows if "aux_loss" in r]
+  rows = read_rows(tmp_path)
+  aux = [r[f"{name}_loss"] for r in rows if f"{name}_loss" in r]
   assert len(aux) == 6 and np.all(np.isfinite(aux)) and max(aux) > 0
   assert all(np.isfinite(v) for v in read_losses(tmp_path).values())
   step, state = final_state(tmp_path, config)
-  means = np.asarray(state["class_means"])
+  means = np.asarray(state.loss_state[name])
   assert step == 6 and means.shape == (10, 64)  # (C, E): 10 digits, d_em = 64
   assert np.abs(means).max() > 1e-3  # moved away from their zero init
 
 
-def test_no_aux_loss_no_class_means(tmp_path):
-  trainer = train.Trainer(small_config("ce_extra"), str(tmp_path))
-  assert "class_means" not in trainer.initial_state(with_impostors=False)
+def test_no_class_mean_term_no_loss_state(tmp_path):
+  assert train.Run(small_config("ce_extra")).initial_state().loss_state == {}
 
 
 @pytest.mark.parametrize("name", ["center", "elope"])
@@ -242,41 +275,44 @@ def test_aux_update_matches_numpy_and_ignores_padding(tmp_path, name):
   # Head-only on cached features: each row's embedding depends on that row alone (no
   # BatchNorm over the batch), so the padding row can only leak through the aux loss.
   config = aux_config("ce_extra", name, **{
-      "model.trainable": "head", "train.cache_features": True, "aux_loss.weight": 0.7,
-      "aux_loss.alpha": 0.3, "aux_loss.gamma": 2.0, "aux_loss.margin": 1.5})
-  trainer = train.Trainer(config, str(tmp_path))
-  state = trainer.initial_state(with_impostors=True)
+      "model.trainable": "head", "train.cache_features": True,
+      f"loss.{name}.weight": 0.7, f"loss.{name}.alpha": 0.3})
+  if name == "elope":
+    config.loss.elope.gamma, config.loss.elope.margin = 2.0, 1.5
+  run = train.Run(config)
+  state = run.initial_state()
   rng = np.random.default_rng(0)
-  means0 = (0.3 * rng.normal(size=state["class_means"].shape)).astype(np.float32)
-  state["class_means"] = jnp.asarray(means0)
-  features, _ = trainer.train_features()
+  means0 = (0.3 * rng.normal(size=state.loss_state[name].shape)).astype(np.float32)
+  state = state.replace(loss_state={name: jnp.asarray(means0)})
+  features = run.outputs.backbone_features("train")["pooled"]
   # Row 5 is padding; its class 7 appears nowhere else in the batch.
   labels = np.array([0, 2, 2, 5, 0, 7], np.int32)
-  batch = {"image": features[:6], "label": labels, "index": np.arange(6, dtype=np.int32),
+  batch = {"backbone": {"pooled": features[:6]}, "label": labels,
+           "index": np.arange(6, dtype=np.int32),
            "valid": np.array([True] * 5 + [False])}
-  update = jax.jit(train.make_update_fn(
-      trainer.net, trainer.scheme, trainer.tx, float(config.impostors.sigma),
-      backbone_train=False, from_features=True, aux=trainer.aux))
+  update = jax.jit(update_lib.make_update(run.network, run.objective, run.tx,
+                                          frozen=run.frozen, forward="heads"))
   new_state, metrics = update(state, batch)
 
-  out = trainer.net.apply({"params": state["params"]["net"]}, features[:5],
-                          method=heads.ImpostorNet.heads)
+  out = run.network.module.apply(state.variables(), {"pooled": features[:5]},
+                                 method="head")
   emb = np.asarray(out["embedding"], np.float64)
-  f = emb / np.linalg.norm(emb, axis=1, keepdims=True)  # aux_loss.normalize
+  f = emb / np.linalg.norm(emb, axis=1, keepdims=True)  # loss.<name>.normalize
   if name == "center":
     want = np.mean(0.5 * ((f - means0[labels[:5]]) ** 2).sum(1))
     want_means = _means_ref(means0, f, labels[:5], 0.3)
   else:
     want, want_means = _elope_ref(f, labels[:5], means0, 0.3, 2.0, 1.5)
-  np.testing.assert_allclose(metrics["aux_loss"], want, rtol=1e-5)
-  np.testing.assert_allclose(new_state["class_means"], want_means, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics[f"{name}_loss"], want, rtol=1e-5)
+  np.testing.assert_allclose(new_state.loss_state[name], want_means, rtol=1e-5, atol=1e-6)
   logits = np.asarray(out["logits"], np.float64)
   lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
   ce = np.mean(lse - logits[np.arange(5), labels[:5]])
+  np.testing.assert_allclose(metrics["ce_loss"], ce, rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], ce + 0.7 * want, rtol=1e-5)
 
   # Another image and label in the padding row: the same step, to the last bit.
-  other = dict(batch, image=features[[0, 1, 2, 3, 4, 100]],
+  other = dict(batch, backbone={"pooled": features[[0, 1, 2, 3, 4, 100]]},
                label=np.array([0, 2, 2, 5, 0, 9], np.int32))
   new_other, metrics_other = update(state, other)
   for a, b in zip(jax.tree.leaves((new_state, metrics)),
@@ -284,25 +320,74 @@ def test_aux_update_matches_numpy_and_ignores_padding(tmp_path, name):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_aux_loss_resume_matches_uninterrupted_run(tmp_path):
-  trainer = train.Trainer(aux_config(), str(tmp_path / "shapes"))
-  real = trainer.initial_state(with_impostors=True)
-  abstract = trainer.initial_state(with_impostors=False)
+def test_resume_matches_uninterrupted_run(tmp_path):
+  run = train.Run(aux_config())
+  real, abstract = run.initial_state(), run.abstract_state()
   assert jax.tree.structure(real) == jax.tree.structure(abstract)
   assert [(x.shape, x.dtype) for x in jax.tree.leaves(real)] == [
       (x.shape, x.dtype) for x in jax.tree.leaves(abstract)]
-  train.train_and_evaluate(aux_config(steps=6), str(tmp_path / "full"))
+  full = train.train_and_evaluate(aux_config(steps=6), str(tmp_path / "full"))
   train.train_and_evaluate(aux_config(steps=4), str(tmp_path / "part"))
   results = train.train_and_evaluate(aux_config(steps=6), str(tmp_path / "part"))
   assert results["steps"] == 6
   # Resumed at step 4, not restarted: steps 1-4 are logged once.
-  rows = [json.loads(l) for l in open(tmp_path / "part" / "metrics.jsonl")]
+  rows = read_rows(tmp_path / "part")
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
   _, reference = final_state(tmp_path / "full", aux_config(steps=6))
   _, resumed = final_state(tmp_path / "part", aux_config(steps=6))
-  for key in ("class_means", "params"):
-    for a, b in zip(jax.tree.leaves(reference[key]), jax.tree.leaves(resumed[key])):
+  for key in ("loss_state", "params"):
+    for a, b in zip(jax.tree.leaves(getattr(reference, key)),
+                    jax.tree.leaves(getattr(resumed, key))):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  assert without_times(results) == without_times(full)
+
+
+def test_resume_refuses_another_config_before_writing(tmp_path):
+  config = small_config("loose", steps=4)
+  train.train_and_evaluate(config, str(tmp_path))
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+  changed = small_config("tied", steps=4, **{"train.batch_size": 32,
+                                             "model.pooling": "max",
+                                             "loss.extra_terms": "elope"})
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(changed, str(tmp_path))
+  msg = str(e.value)
+  for field in ("config.scheme: 'loose' -> 'tied'", "config.train.batch_size: 64 -> 32",
+                "config.model.pooling: 'avg' -> 'max'", "config.loss.extra_terms",
+                "--workdir"):
+    assert field in msg, (field, msg)
+  assert "config.train.num_steps" not in msg  # unchanged: not listed
+  after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+  assert after == before  # config.json, results.json, metrics.jsonl untouched
+
+
+def test_resume_allows_a_longer_run_and_logs_it(tmp_path):
+  train.train_and_evaluate(small_config("loose", steps=4), str(tmp_path))
+  results = train.train_and_evaluate(
+      small_config("loose", steps=6, **{"train.log_every_steps": 2}), str(tmp_path))
+  assert results["steps"] == 6
+  assert read_json(tmp_path / "config.json")["train"]["num_steps"] == 6
+  rows = [r["step"] for r in read_rows(tmp_path)]
+  assert rows == [1, 2, 3, 4, 6]
+  # With a cosine schedule the length decides the learning rate: not harmless.
+  cos = {"optim.schedule": "cosine"}
+  train.train_and_evaluate(small_config("loose", steps=4, **cos), str(tmp_path / "c"))
+  with pytest.raises(ValueError, match=r"config\.train\.num_steps: 4 -> 6"):
+    train.train_and_evaluate(small_config("loose", steps=6, **cos), str(tmp_path / "c"))
+
+
+def test_donated_state_leaves_backbone_variables_alive(tmp_path):
+  run = train.Run(small_config("fixed", steps=1))
+  state = run.initial_state()
+  update = run.make_update()
+  batch = next(run.outputs.train_batches(0))
+  from fgjax import parallel  # pylint: disable=g-import-not-at-top
+  update(state, parallel.global_batch(batch, run.mesh))
+  # The registry's (pretrained) backbone arrays are still readable: the state owned
+  # copies of them, and only those were donated.
+  for leaf in jax.tree.leaves(run.network.spec.variables):
+    assert not leaf.is_deleted()
+    np.asarray(leaf)
 
 
 def test_batch_not_divisible_by_devices(tmp_path):
@@ -318,8 +403,9 @@ def test_fixed_trains_against_pq_compressed_impostors(tmp_path):
   assert results["pq_applied"] == "before training"
   assert results["memory"]["pq"]["codes"] == 1078 * 8
   _, state = final_state(tmp_path, config)
-  pq = quantize.ProductQuantizer(**{k: np.asarray(v) for k, v in state["pq"].items()})
-  centers = np.asarray(state["params"]["impostors"].centers)
+  pq = quantize.ProductQuantizer(**{k: np.asarray(v)
+                                    for k, v in state.impostor_state["pq"].items()})
+  centers = np.asarray(state.impostors.centers)
   # The frozen impostors are already points of the codebook: re-quantising is exact.
   np.testing.assert_allclose(np.asarray(quantize.reconstruct(pq, centers)), centers,
                              atol=1e-5)
@@ -327,7 +413,7 @@ def test_fixed_trains_against_pq_compressed_impostors(tmp_path):
   assert model.codes.shape == (1078, 8) and model.codes.dtype == np.uint8
   images = np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype(np.float32)
   adc = model.log_probs(images)
-  emb = model._forward(model.variables, images)["embedding"]
+  emb = model.forward(images)["embedding"]
   from fgjax import impostors
   exact = impostors.rbf_log_probs(emb, impostors.ImpostorSet(centers, model.impostors.labels),
                                   model.sigma, num_classes=10)
@@ -349,20 +435,16 @@ def test_openset_report_with_holdout_classes(tmp_path):
 
 
 def test_frozen_stages_are_left_out_of_the_backward_pass(tmp_path):
-  """trainable='last:1': no gradient flows into frozen stages, and none is computed."""
+  """trainable='last:1': no gradient flows into frozen blocks, and none is computed."""
   def grad_fn_and_params(trainable):
-    config = small_config("ce", steps=1, **{"model.trainable": trainable})
-    trainer = train.Trainer(config, str(tmp_path / trainable.replace(":", "")))
-    params = trainer.initial_state(with_impostors=False)["params"]["net"]
-    stats = trainer._variables0.get("batch_stats", {})  # pylint: disable=protected-access
+    run = train.Run(small_config("ce", steps=1, **{"model.trainable": trainable}))
+    variables = run.network.init(0, 8)
     x = jnp.ones((4, 8, 8, 3), jnp.float32)
 
     def loss(p):
-      variables = {"params": train._stop_frozen(p, trainer.frozen)}  # pylint: disable=protected-access
-      if stats:
-        variables["batch_stats"] = stats
-      return jnp.sum(trainer.net.apply(variables, x, train=False)["logits"] ** 2)
-    return jax.grad(loss), params
+      v = {**variables, "params": update_lib.stop_frozen(p, run.frozen)}
+      return jnp.sum(run.network.module.apply(v, x, train=False)["logits"] ** 2)
+    return jax.grad(loss), variables["params"]
 
   grad, params = grad_fn_and_params("last:1")
   g = grad(params)
@@ -375,3 +457,74 @@ def test_frozen_stages_are_left_out_of_the_backward_pass(tmp_path):
   full_grad, full_params = grad_fn_and_params("all")
   # Forward convs are the same; the backward of the two frozen stages is gone.
   assert convs(grad, params) < convs(full_grad, full_params)
+
+
+def test_cub_config_trains_under_tfds_mock_data(tmp_path):
+  # configs/birds_fixed.py end to end on TFDS's mock records (no data, no download);
+  # small images, random SqueezeNet weights (the torchvision file is not here).
+  tfds = pytest.importorskip("tensorflow_datasets", reason="TFDS sources need it")
+  from configs import birds_fixed  # pylint: disable=g-import-not-at-top
+  config = birds_fixed.get_config()
+  config.model.pretrained = False
+  config.input.image_size, config.input.resize_size = 32, 36
+  config.train.batch_size, config.eval.batch_size = 4, 4
+  config.train.num_steps, config.train.log_every_steps = 3, 1
+  config.num_devices = 1
+  config.data.holdout_classes = (0,)
+  from fgjax import data  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=24):
+    splits = data.get_splits(config.data)
+    results = train.train_and_evaluate(config, str(tmp_path))
+  assert results["steps"] == 3 and results["num_classes"] == 199
+  # One impostor per training record: 24 mock records less the 10% carved as val and
+  # those of the held-out class 0.
+  assert results["num_impostors"] == len(splits.train) <= 22
+  assert set(results["splits"]) == {"val", "test"}
+  assert 0.0 <= results["splits"]["test"]["rbf"]["top1"] <= 1.0
+  assert all(np.isfinite(v) for v in read_losses(tmp_path).values())
+
+
+def test_init_from_restores_what_it_names(tmp_path):
+  # Stage 1: k-max pooling, loose impostors and ELoPE class means.
+  stage1 = small_config("loose", steps=6, **{"model.pooling": "kmax", "model.pooling_k": 2,
+                                             "loss.extra_terms": "elope"})
+  train.train_and_evaluate(stage1, str(tmp_path / "s1"))
+  _, src = final_state(tmp_path / "s1", stage1)
+  # Stage 2: weighted k-max fine-tuning from it, with its impostors and class means.
+  stage2 = small_config("loose", steps=2, **{
+      "model.pooling": "weighted_kmax", "model.pooling_k": 2, "loss.extra_terms": "elope",
+      "init_from": str(tmp_path / "s1"),
+      "init_from_parts": "net,impostors,loss_state"})
+  state = train.Run(stage2).initial_state()
+  assert int(state.step) == 0
+  np.testing.assert_array_equal(state.params["net"]["pool"]["weights"], [1.0, 1.0])
+  for part in ("backbone", "embed"):
+    jax.tree.map(np.testing.assert_array_equal, state.params["net"][part],
+                 src.params["net"][part])
+  jax.tree.map(np.testing.assert_array_equal, state.batch_stats, src.batch_stats)
+  jax.tree.map(np.testing.assert_array_equal, state.impostors, src.impostors)
+  np.testing.assert_array_equal(state.loss_state["elope"], src.loss_state["elope"])
+  np.testing.assert_array_equal(state.impostor_state["scale"], src.impostor_state["scale"])
+  # Only the network: impostors are recomputed from the loaded network, means start at 0.
+  only_net = small_config("loose", steps=2, **{
+      "model.pooling": "weighted_kmax", "model.pooling_k": 2, "loss.extra_terms": "elope",
+      "init_from": str(tmp_path / "s1")})
+  run = train.Run(only_net)
+  state = run.initial_state()
+  assert float(np.abs(np.asarray(state.loss_state["elope"])).max()) == 0.0
+  emb, _ = run.outputs.train_embeddings(
+      {"params": src.params["net"] | {"pool": {"weights": np.ones(2, np.float32)}},
+       "batch_stats": src.batch_stats})
+  scale = np.linalg.norm(emb, axis=1).mean()
+  np.testing.assert_allclose(state.impostors.centers, emb / scale, rtol=1e-4, atol=1e-5)
+  # A shape that differs is an error naming the parameter.
+  wider = small_config("loose", steps=2, **{"model.pooling": "kmax", "model.pooling_k": 2,
+                                            "model.embed_dim": 32,
+                                            "init_from": str(tmp_path / "s1")})
+  with pytest.raises(ValueError, match=r"params/embed/(bias|kernel) has shape"):
+    train.Run(wider).initial_state()
+  with pytest.raises(ValueError, match=r"config\.init_from_parts"):
+    train.Run(small_config(**{"init_from": str(tmp_path / "s1"),
+                              "init_from_parts": "impostors"}))
+  with pytest.raises(ValueError, match=r"config\.init_from='/nonexistent'"):
+    train.Run(small_config(**{"init_from": "/nonexistent"}))

@@ -6,6 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fgjax import export
+from fgjax import models
+from fgjax.export import xla_predictor
 from fgjax.models import xla_cpu
 
 
@@ -44,3 +47,23 @@ def test_convolutions_leave_ynnpack_with_same_values():
   assert "__ynn_fusion" in default and not conv_fusions(ours)
   np.testing.assert_allclose(xla_cpu.jit(f)(x, w)[1], jax.jit(f)(x, w)[1],
                              rtol=1e-5, atol=1e-4)
+
+
+def test_xla_predictor_compiles_once_per_size_with_the_options():
+  spec = models.get("small_cnn")
+  module, folded = export.fold(spec.module, spec.variables, spec.bn_epsilon)
+  forward = xla_predictor.make_forward(module, folded, 2, ("pooled", "map"),
+                                       image_hw=(16, 16))
+  assert list(forward.compiled) == [(16, 16)]  # compiled when built
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  out = forward(x)
+  assert set(out) == {"pooled", "map"} and out["pooled"].shape == (2, 128)
+  forward(x[:, :12, :12])
+  assert list(forward.compiled) == [(16, 16), (12, 12)]
+  text = forward.compiled[(16, 16)].as_text()
+  assert "convolution(" in text
+  if xla_cpu.compiler_options("cpu") is not None:
+    assert not [l for l in text.splitlines()
+                if "__ynn_fusion" in l and "convolution" in l]
+  want = jax.jit(lambda v, x: spec.module.apply(v, x, train=False))(spec.variables, x)
+  np.testing.assert_allclose(out["map"], want["map"], rtol=1e-4, atol=1e-4)

@@ -9,8 +9,11 @@ function of (seed, epoch, example index) only.
 Decoding policy (why): `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` stays at PIL's default
 (False) and is never changed here, because it is process-global state and because a
 silently grey-padded truncated JPEG is a wrong training example. Truncated files are
-therefore "bad files": sources detect them when they are built and drop them with a
-report (see `sources.py`).
+therefore "bad files": image-folder sources detect them when they are built and drop
+them with a report (see folder.py).
+
+`IMAGE_EXTENSIONS` is the one list of file suffixes treated as images (image folders
+and predict.py both use it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+# Lower-case suffixes of the files treated as images wherever files are listed.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
+                              ".tiff", ".ppm", ".pgm", ".jfif"})
 
 # Modes that `Image.convert('RGB')` handles with the intended meaning.
 _DIRECT_TO_RGB = ("RGB", "L", "CMYK", "YCbCr", "LAB", "HSV", "1")
@@ -192,11 +199,6 @@ def normalize(images: np.ndarray, mean: Any, std: Any) -> np.ndarray:
   mean = np.asarray(mean, np.float32).reshape(-1)
   std = np.asarray(std, np.float32).reshape(-1)
   return (images.astype(np.float32) - mean) / std
-
-
-def crop_to_bbox(image: np.ndarray, box: Any) -> np.ndarray:
-  """Alias of `crop_box` (TFDS BBox (ymin, xmin, ymax, xmax), normalised)."""
-  return crop_box(image, box)
 
 
 def union_bbox(boxes: Any) -> np.ndarray:

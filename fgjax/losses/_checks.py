@@ -17,9 +17,11 @@ def is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def float_array(x: Any, name: str, ndim: int) -> jax.Array:
-  """Returns `x` as a floating JAX array of rank `ndim`, or raises.
+def check_float_array(x: Any, name: str, ndim: int) -> Any:
+  """Raises unless `x` is a floating array of rank `ndim`; returns it, not copied.
 
+  fgjax's one float-array validator (losses, impostors, search, quantize). Lists and
+  tuples become NumPy arrays; NumPy input stays NumPy (a ScaNN index takes it as is).
   Integer input is rejected rather than silently cast: an integer embedding is
   almost always a swapped argument (labels passed as features).
   """
@@ -27,12 +29,18 @@ def float_array(x: Any, name: str, ndim: int) -> jax.Array:
     x = np.asarray(x)
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise TypeError(f"`{name}` must be an array; got {type(x).__name__}.")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"`{name}` must be a floating array; got dtype {x.dtype}. "
-                    "Cast it with .astype(jnp.float32).")
   if x.ndim != ndim:
-    raise ValueError(f"`{name}` must have rank {ndim}; got shape {tuple(x.shape)}.")
-  return jnp.asarray(x)
+    hint = " Reshape a single vector with x[None, :]." if ndim == 2 and x.ndim == 1 else ""
+    raise ValueError(f"`{name}` must be {ndim}-D; got shape {tuple(x.shape)}.{hint}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"`{name}` must have a floating dtype; got {x.dtype}. "
+                    "Cast it with .astype(np.float32).")
+  return x
+
+
+def float_array(x: Any, name: str, ndim: int) -> jax.Array:
+  """`check_float_array`, returned as a JAX array."""
+  return jnp.asarray(check_float_array(x, name, ndim))
 
 
 def int_array(x: Any, name: str, ndim: Union[int, tuple]) -> jax.Array:
@@ -71,17 +79,6 @@ def labels_in_range(labels: jax.Array, name: str, num_classes: int) -> None:
   in_range(labels, name, 0, num_classes, f"class ids, num_classes={num_classes}")
 
 
-def nonnegative_number(x: Any, name: str) -> None:
-  """Raises unless `x` is a scalar and, when concrete, finite and >= 0."""
-  if hasattr(x, "shape") and tuple(x.shape) != ():
-    raise ValueError(f"`{name}` must be a scalar; got shape {tuple(x.shape)}.")
-  if not is_concrete(x):
-    return
-  v = float(np.asarray(x))
-  if not (np.isfinite(v) and v >= 0):
-    raise ValueError(f"`{name}` must be a finite number >= 0; got {v}.")
-
-
 def in_range(x: jax.Array, name: str, low: int, high: int, what: str) -> None:
   """When `x` is concrete, raises unless every value is in [low, high)."""
   if not is_concrete(x) or x.size == 0:
@@ -93,15 +90,25 @@ def in_range(x: jax.Array, name: str, low: int, high: int, what: str) -> None:
                      f"got min {lo}, max {hi}.")
 
 
-def positive_scalar(x: Any, name: str) -> None:
-  """Raises unless `x` is a scalar and, when concrete, finite and > 0."""
+def _scalar(x: Any, name: str, strict: bool) -> None:
   if hasattr(x, "shape") and tuple(x.shape) != ():
     raise ValueError(f"`{name}` must be a scalar; got shape {tuple(x.shape)}.")
   if not is_concrete(x):
     return
   v = float(np.asarray(x))
-  if not (np.isfinite(v) and v > 0):
-    raise ValueError(f"`{name}` must be a finite number > 0; got {v}.")
+  if not (np.isfinite(v) and (v > 0 if strict else v >= 0)):
+    raise ValueError(f"`{name}` must be a finite number {'>' if strict else '>='} 0; "
+                     f"got {v}.")
+
+
+def positive_scalar(x: Any, name: str) -> None:
+  """Raises unless `x` is a scalar and, when concrete, finite and > 0."""
+  _scalar(x, name, strict=True)
+
+
+def nonnegative_number(x: Any, name: str) -> None:
+  """Raises unless `x` is a scalar and, when concrete, finite and >= 0."""
+  _scalar(x, name, strict=False)
 
 
 def num_classes_arg(num_classes: Any) -> int:

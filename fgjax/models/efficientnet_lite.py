@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fgjax.models import layers
+from fgjax.models import pooling
+from fgjax.models import segments
 
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
@@ -85,12 +87,16 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-  """EfficientNet-Lite0 backbone: (N, H, W, 3) -> (N, 1280) pooled, or (N, 1000) logits.
+  """EfficientNet-Lite0 backbone with named outputs (fgjax.models.segments).
+
+  Outputs: 'stem' (N, H/2, W/2, 32), 'stage1'..'stage7' (the seven MBConv groups of
+  the TF builder, 16 .. 320 channels), 'map' (the 1x1 head conv + ReLU6, 1280
+  channels, stride 32), 'pooled' (N, 1280), and with include_top 'logits' (N, 1000).
 
   Attributes:
-    include_top: return ImageNet logits (dropout 0.2 + Dense 1000; needs a 'dropout' rng
-      when train=True) instead of pooled features.
-    fold_bn: BN folded into convolutions (inference only; see fgjax.models.inference).
+    include_top: add ImageNet 'logits' (dropout 0.2 + Dense 1000; needs a 'dropout'
+      rng when train=True).
+    fold_bn: BN folded into convolutions (inference only; see fgjax.export).
     conv_impl: see layers.Conv2D.
     dtype: computation dtype (params stay float32).
   """
@@ -100,24 +106,43 @@ class EfficientNetLite0(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    layers.check_images(x, "EfficientNetLite0")
+  def __call__(self, x, train: bool = False, *, start: Optional[str] = None,
+               stop: Optional[str] = None) -> dict[str, jnp.ndarray]:
+    if start is None:
+      layers.check_images(x, "EfficientNetLite0")
     unit = lambda f, k, s, name: layers.ConvBN(  # noqa: E731
         f, k, s, "tf_same", 1, BN_MOMENTUM, BN_EPSILON, self.fold_bn,
         self.conv_impl, self.dtype, name=name)
-    x = layers.relu6(unit(32, 3, 2, "stem")(x, train))
-    for i, a in enumerate(block_args()):
-      x = MBConv(a, self.fold_bn, self.conv_impl, self.dtype, name=f"block{i}")(
-          x, train)
-    x = layers.relu6(unit(FEATURE_DIM, 1, 1, "head")(x, train))
-    x = layers.global_avg_pool(x)
-    if not self.include_top:
-      return x
-    x = nn.Dropout(DROPOUT, deterministic=not train)(x)
-    return nn.Dense(1000, dtype=self.dtype, name="classifier")(x)
+
+    def blocks(first, count):
+      def fn(y):
+        for i in range(first, first + count):
+          y = MBConv(_BLOCKS[i], self.fold_bn, self.conv_impl, self.dtype,
+                     name=f"block{i}")(y, train)
+        return y
+      return fn
+
+    segs = [("stem", lambda y: layers.relu6(unit(32, 3, 2, "stem")(y, train)))]
+    first = 0
+    for s, (repeats, *_) in enumerate(_STAGES):
+      segs.append((f"stage{s + 1}", blocks(first, repeats)))
+      first += repeats
+    segs += [("map", lambda y: layers.relu6(unit(FEATURE_DIM, 1, 1, "head")(y, train))),
+             ("pooled", pooling.global_avg_pool)]
+    if self.include_top:
+      segs.append(("logits", lambda y: nn.Dense(1000, dtype=self.dtype,
+                                                name="classifier")(
+          nn.Dropout(DROPOUT, deterministic=not train)(y))))
+    return segments.run_segments(segs, x, start, stop)
 
 
-STAGE_NAMES = ("stem",) + tuple(f"block{i}" for i in range(len(block_args()))) + ("head",)
+_BLOCKS = block_args()
+OUTPUTS = (("stem",) + tuple(f"stage{s + 1}" for s in range(len(_STAGES)))
+           + ("map", "pooled"))
+
+
+# Top-level parameter groups in forward order (the unit of `trainable=last:N`).
+BLOCKS = ("stem",) + tuple(f"block{i}" for i in range(len(_BLOCKS))) + ("head",)
 
 _BLOCK_UNITS = {"_expand_conv": ("expand", "conv"), "_bn0": ("expand", "bn"),
                 "_depthwise_conv": ("depthwise", "conv"), "_bn1": ("depthwise", "bn"),

@@ -25,11 +25,10 @@ ceil-mode pooling) while staying fast on XLA:CPU:
 * `ConvBN` is a convolution followed by BatchNorm; on the shifted (CPU) path that is
   `batch_norm.BatchNorm`, flax's BatchNorm with a hand-written training gradient. With `folded=True` the BN is folded into
   the convolution (kernel * gamma / sqrt(var + eps), bias = beta - mean * gamma /
-  sqrt(var + eps)), which is what `fgjax.models.inference` uses for CPU inference;
+  sqrt(var + eps)), which is what `fgjax.export` uses for CPU inference;
   `fold_batch_norm` converts a variables tree accordingly.
 """
 
-import math
 from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -224,11 +223,6 @@ def relu6(x: jax.Array) -> jax.Array:
   return jnp.clip(x, 0.0, 6.0)
 
 
-def global_avg_pool(x: jax.Array) -> jax.Array:
-  """(N, H, W, C) -> (N, C)."""
-  return jnp.mean(x, axis=(1, 2))
-
-
 def fold_batch_norm(variables: dict[str, Any], epsilon: float) -> dict[str, Any]:
   """Folds every ConvBN's BatchNorm into its convolution (for `ConvBN(folded=True)`).
 
@@ -270,10 +264,6 @@ def fold_batch_norm(variables: dict[str, Any], epsilon: float) -> dict[str, Any]
     return out
 
   return {"params": walk(params, stats)}
-
-
-def num_params(tree: Any) -> int:
-  return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
 def check_images(x: jax.Array, name: str, min_side: Optional[int] = None) -> None:

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fgjax.models import layers
+from fgjax.models import pooling
+from fgjax.models import segments
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # torch momentum 0.1
@@ -25,7 +27,8 @@ def feature_dim(depth: int) -> int:
   return 2048 if _BOTTLENECK[depth] else 512
 
 
-def stage_names(depth: int) -> tuple[str, ...]:
+def blocks(depth: int) -> tuple[str, ...]:
+  """Top-level parameter groups in forward order (the unit of `trainable=last:N`)."""
   return ("stem",) + tuple(f"layer{s + 1}_{b}" for s, n in enumerate(_LAYOUT[depth])
                            for b in range(n))
 
@@ -59,7 +62,11 @@ class Block(nn.Module):
 
 
 class ResNet(nn.Module):
-  """(N, H, W, 3) -> (N, 512 | 2048) pooled features, or (N, 1000) logits.
+  """ResNet with named outputs (fgjax.models.segments).
+
+  Outputs: 'stem' (conv7x7/2 + BN + ReLU + max pool, 64 channels, stride 4),
+  'stage1'..'stage4' (torchvision's layer1..layer4, strides 4, 8, 16, 32), 'map'
+  (= stage4), 'pooled' (N, 512 | 2048), and with include_top 'logits' (N, 1000).
 
   `conv_impl`: see layers.Conv2D (ResNet has no depthwise convs; it picks how the 1x1
   convolutions run).
@@ -71,22 +78,36 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, *, start: Optional[str] = None,
+               stop: Optional[str] = None) -> dict[str, jnp.ndarray]:
     if self.depth not in _LAYOUT:
       raise ValueError(f"ResNet depth={self.depth}: expected one of {DEPTHS}.")
-    layers.check_images(x, f"ResNet{self.depth}")
-    x = nn.relu(layers.ConvBN(64, 7, 2, 3, 1, BN_MOMENTUM, BN_EPSILON, self.fold_bn,
-                              self.conv_impl, self.dtype, name="stem")(x, train))
-    x = layers.max_pool_torch(x, 3, 2, padding=1, impl=self.conv_impl)
-    for s, n in enumerate(_LAYOUT[self.depth]):
-      for b in range(n):
-        x = Block(64 * 2**s, 2 if (b == 0 and s > 0) else 1, _BOTTLENECK[self.depth],
-                  self.fold_bn, self.conv_impl, self.dtype,
-                  name=f"layer{s + 1}_{b}")(x, train)
-    x = layers.global_avg_pool(x)
+    if start is None:
+      layers.check_images(x, f"ResNet{self.depth}")
+
+    def stem(y):
+      y = nn.relu(layers.ConvBN(64, 7, 2, 3, 1, BN_MOMENTUM, BN_EPSILON, self.fold_bn,
+                                self.conv_impl, self.dtype, name="stem")(y, train))
+      return layers.max_pool_torch(y, 3, 2, padding=1, impl=self.conv_impl)
+
+    def stage(s, n):
+      def fn(y):
+        for b in range(n):
+          y = Block(64 * 2**s, 2 if (b == 0 and s > 0) else 1, _BOTTLENECK[self.depth],
+                    self.fold_bn, self.conv_impl, self.dtype,
+                    name=f"layer{s + 1}_{b}")(y, train)
+        return y
+      return fn
+
+    segs = [("stem", stem)]
+    segs += [(f"stage{s + 1}", stage(s, n)) for s, n in enumerate(_LAYOUT[self.depth])]
+    segs += [("map", lambda y: y), ("pooled", pooling.global_avg_pool)]
     if self.include_top:
-      x = nn.Dense(1000, dtype=self.dtype, name="classifier")(x)
-    return x
+      segs.append(("logits", nn.Dense(1000, dtype=self.dtype, name="classifier")))
+    return segments.run_segments(segs, x, start, stop)
+
+
+OUTPUTS = ("stem", "stage1", "stage2", "stage3", "stage4", "map", "pooled")
 
 
 def key_map(include_top: bool):

@@ -5,12 +5,14 @@ the feature map is larger than 4 pixels, then global average pooling to 128 feat
 No pretrained weights; the deterministic init is the only initialisation.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from fgjax.models import layers
+from fgjax.models import pooling
+from fgjax.models import segments
 
 WIDTHS = (32, 64, 128)
 FEATURE_DIM = WIDTHS[-1]
@@ -18,11 +20,18 @@ INPUT_SIZE = 32
 # Inputs are expected in 0..1-scaled pixel units mapped to roughly zero mean.
 MEAN = (127.5, 127.5, 127.5)
 STD = (127.5, 127.5, 127.5)
-STAGE_NAMES = tuple(f"stage{i}" for i in range(len(WIDTHS)))
+# Top-level parameter groups in forward order (the unit of `trainable=last:N`).
+BLOCKS = tuple(f"stage{i}" for i in range(len(WIDTHS)))
 
 
 class SmallCNN(nn.Module):
-  """(N, H, W, 3) with 8 <= H, W -> (N, 128) pooled features (or (N, 1000) logits)."""
+  """(N, H, W, 3), 4 <= H, W, with named outputs (fgjax.models.segments).
+
+  Outputs: 'stem' (parameter group 'stage0', 32 channels), 'stage1' (64), 'stage2'
+  (128), each conv3x3-BN-ReLU followed by a 2x2 max pool while the map is larger than
+  4 pixels (not after the last); 'map' (= stage2), 'pooled' (N, 128), and with
+  include_top 'logits' (N, num_classes).
+  """
   include_top: bool = False
   num_classes: int = 1000
   fold_bn: bool = False
@@ -30,15 +39,27 @@ class SmallCNN(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    layers.check_images(x, "SmallCNN", min_side=4)
-    for i, width in enumerate(WIDTHS):
-      x = nn.relu(layers.ConvBN(width, 3, 1, 1, folded=self.fold_bn,
-                                conv_impl=self.conv_impl, dtype=self.dtype,
-                                name=f"stage{i}")(x, train))
-      if i < len(WIDTHS) - 1 and min(x.shape[1:3]) > 4:
-        x = nn.max_pool(x, (2, 2), (2, 2))
-    x = layers.global_avg_pool(x)
+  def __call__(self, x, train: bool = False, *, start: Optional[str] = None,
+               stop: Optional[str] = None) -> dict[str, jnp.ndarray]:
+    if start is None:
+      layers.check_images(x, "SmallCNN", min_side=4)
+
+    def conv(i):
+      def fn(y):
+        y = nn.relu(layers.ConvBN(WIDTHS[i], 3, 1, 1, folded=self.fold_bn,
+                                  conv_impl=self.conv_impl, dtype=self.dtype,
+                                  name=f"stage{i}")(y, train))
+        if i < len(WIDTHS) - 1 and min(y.shape[1:3]) > 4:
+          y = nn.max_pool(y, (2, 2), (2, 2))
+        return y
+      return fn
+
+    segs = [("stem", conv(0)), ("stage1", conv(1)), ("stage2", conv(2)),
+            ("map", lambda y: y), ("pooled", pooling.global_avg_pool)]
     if self.include_top:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
-    return x
+      segs.append(("logits", nn.Dense(self.num_classes, dtype=self.dtype,
+                                      name="classifier")))
+    return segments.run_segments(segs, x, start, stop)
+
+
+OUTPUTS = ("stem", "stage1", "stage2", "map", "pooled")

@@ -1,4 +1,4 @@
-"""TensorFlow Datasets sources without TensorFlow: `tfds.data_source` random access.
+"""The `tfds` source: TensorFlow Datasets without TensorFlow (`tfds.data_source`).
 
 `tfds.data_source(name, split=..., data_dir=..., download=False)` reads prepared
 ArrayRecord files with NumPy decoding only, so training needs no TensorFlow. Data
@@ -18,9 +18,15 @@ cannot be read with random access: `--file_format=array_record` is required.
 Splits: 'canonical' uses the data set's own train / validation / test; where it has
 no validation split (caltech_birds2011, cars196, stanford_dogs), `data.val_fraction`
 (default 0.1) of train, chosen by a permutation seeded with data.seed, becomes val.
+`data.classes_subset` / `holdout_classes` then select classes as for every source
+(splits.make_splits); they need every record's label, so they read each record of
+the data set once when the splits are built.
 Bounding boxes (`data.bbox_crop`): TFDS BBox (ymin, xmin, ymax, xmax), normalised;
 the image is cropped before any resize (paper section 4, following [6]).
 stanford_dogs stores a box per dog in 'objects': their union is used.
+
+This module is `fgjax.data.tfds`; the library is always imported inside functions
+as `import tensorflow_datasets as tfds` (an absolute import, so no shadowing).
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from fgjax.data import sources
+from fgjax.data import registry
+from fgjax.data import splits
 from fgjax.data import transforms
 
-# Native split names per data set; others fall back to dataset_info (train / test).
+# Native split names per data set; others fall back to train / test.
 KNOWN_SPLITS = {
     "caltech_birds2011": ("train", None, "test"),
     "cars196": ("train", None, "test"),
@@ -54,14 +61,24 @@ def resolve_data_dir(data_dir: str = "") -> str:
   return os.path.abspath(os.path.expanduser(str(tfds.core.constants.DATA_DIR)))
 
 
+def read_labels(data_source: Any, positions: Optional[Sequence[int]] = None) -> np.ndarray:
+  """int32 labels of `positions` (default: all) of a TFDS data source (full reads)."""
+  if positions is None:
+    positions = range(len(data_source))
+  return np.asarray([int(data_source[int(p)]["label"]) for p in positions], np.int32)
+
+
 class TfdsSource:
-  """Records from a TFDS data source, optionally restricted to `positions`.
+  """Records from a TFDS data source, restricted to `positions` (default: all).
 
   Record: {'image': uint8 (H, W, 3), 'label': int, 'index': position in this split}.
+  `labels` (given, e.g. re-indexed by a class selection, or read from the records on
+  first use) is the record's label.
   """
 
   def __init__(self, data_source: Any, positions: Optional[np.ndarray] = None,
-               bbox_crop: bool = False, name: str = ""):
+               labels: Optional[Sequence[int]] = None, bbox_crop: bool = False,
+               name: str = ""):
     self.data_source = data_source
     self.positions = (np.arange(len(data_source)) if positions is None
                       else np.asarray(positions, np.int64))
@@ -69,17 +86,18 @@ class TfdsSource:
     self.name = name
     self.bad_files: list[str] = []
     self.read_failures: list[str] = []
-    self._labels: Optional[np.ndarray] = None
+    self._labels = None if labels is None else np.asarray(labels, np.int32).reshape(-1)
+    if self._labels is not None and len(self._labels) != len(self.positions):
+      raise ValueError(f"{len(self.positions)} positions but {len(self._labels)} labels.")
 
   def __len__(self) -> int:
     return len(self.positions)
 
   @property
   def labels(self) -> np.ndarray:
-    """int32 (N,); reads every record once (images are decoded too), then cached."""
+    """int32 (N,); when not given, reads every record once (images too), then cached."""
     if self._labels is None:
-      self._labels = np.asarray([int(self.data_source[int(p)]["label"])
-                                 for p in self.positions], np.int32)
+      self._labels = read_labels(self.data_source, self.positions)
     return self._labels
 
   def __getitem__(self, i: int) -> dict[str, Any]:
@@ -96,8 +114,9 @@ class TfdsSource:
       else:
         raise ValueError(f"config.data.bbox_crop=True but {self.name} records have no "
                          "'bbox' feature; set --config.data.bbox_crop=False.")
-      image = transforms.crop_to_bbox(image, box)
-    return {"image": image, "label": int(ex["label"]), "index": i}
+      image = transforms.crop_box(image, box)
+    label = int(ex["label"]) if self._labels is None else int(self._labels[i])
+    return {"image": image, "label": label, "index": i}
 
   def __repr__(self) -> str:
     return f"TfdsSource(name={self.name!r}, len={len(self)})"
@@ -129,7 +148,8 @@ def _class_names(ds: Any, name: str) -> list[str]:
                      "be used for classification.") from e
 
 
-def tfds_splits(cfg) -> sources.Splits:
+@registry.register("tfds")
+def tfds_source(cfg: Any) -> splits.Splits:
   """Splits of a prepared TFDS data set (see the module docstring)."""
   name = cfg.get("tfds_name", "")
   if not name or not isinstance(name, str):
@@ -140,13 +160,10 @@ def tfds_splits(cfg) -> sources.Splits:
     raise ValueError(f"config.data.split={split!r}: source='tfds' supports only "
                      "'canonical' (the data set's own splits, val carved from train "
                      "when missing).")
-  if cfg.get("holdout_classes", ()) or cfg.get("classes_subset", ()):
-    raise ValueError("config.data.holdout_classes / classes_subset are not supported for "
-                     "source='tfds' yet; use an image_folder or birds525 source.")
   val_fraction = float(cfg.get("val_fraction", 0.1))
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f"config.data.val_fraction must lie in (0, 1), got {val_fraction}.")
-  seed = sources._seed(cfg)  # pylint: disable=protected-access
+  seed = splits.config_seed(cfg)
   bbox_crop = bool(cfg.get("bbox_crop", False))
   data_dir = resolve_data_dir(cfg.get("tfds_data_dir", ""))
   train_name, val_name, test_name = KNOWN_SPLITS.get(name, ("train", None, "test"))
@@ -154,10 +171,11 @@ def tfds_splits(cfg) -> sources.Splits:
   train_ds = _open(name, train_name, data_dir)
   test_ds = _open(name, test_name, data_dir)
   class_names = _class_names(train_ds, name)
+  # split -> (data source, positions in it, source name).
   if val_name is not None:
-    val = TfdsSource(_open(name, val_name, data_dir), bbox_crop=bbox_crop,
-                     name=f"{name}:{val_name}")
-    train = TfdsSource(train_ds, bbox_crop=bbox_crop, name=f"{name}:{train_name}")
+    val_ds = _open(name, val_name, data_dir)
+    bases = {"train": (train_ds, np.arange(len(train_ds)), f"{name}:{train_name}"),
+             "val": (val_ds, np.arange(len(val_ds)), f"{name}:{val_name}")}
   else:
     n = len(train_ds)
     order = np.random.default_rng([seed, n]).permutation(n)
@@ -165,12 +183,24 @@ def tfds_splits(cfg) -> sources.Splits:
     if n - n_val < 1:
       raise ValueError(f"{name}: train has {n} examples, too few to carve a validation "
                        f"split with config.data.val_fraction={val_fraction}.")
-    val = TfdsSource(train_ds, np.sort(order[:n_val]), bbox_crop, name=f"{name}:val")
-    train = TfdsSource(train_ds, np.sort(order[n_val:]), bbox_crop, name=f"{name}:train")
-  test = TfdsSource(test_ds, bbox_crop=bbox_crop, name=f"{name}:{test_name}")
-  return sources.Splits(train=train, val=val, test=test, class_names=class_names)
+    bases = {"train": (train_ds, np.sort(order[n_val:]), f"{name}:train"),
+             "val": (train_ds, np.sort(order[:n_val]), f"{name}:val")}
+  bases["test"] = (test_ds, np.arange(len(test_ds)), f"{name}:{test_name}")
 
+  all_labels: dict[int, np.ndarray] = {}  # id(data source) -> labels, read once.
 
-def tfds_names() -> Sequence[str]:
-  """The data sets with a known split layout (others: train / test assumed)."""
-  return tuple(KNOWN_SPLITS)
+  def labels_of(split: str):
+    ds, positions, _ = bases[split]
+
+    def read() -> np.ndarray:
+      if id(ds) not in all_labels:
+        all_labels[id(ds)] = read_labels(ds)
+      return all_labels[id(ds)][positions]
+    return read
+
+  def make(split: str, positions: np.ndarray, labels: Optional[np.ndarray]) -> TfdsSource:
+    ds, _, source_name = bases[split]
+    return TfdsSource(ds, positions, labels, bbox_crop, source_name)
+
+  parts = {s: (positions, labels_of(s)) for s, (_, positions, _) in bases.items()}
+  return splits.make_splits(cfg, parts, class_names, make, name)

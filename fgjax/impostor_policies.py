@@ -1,0 +1,176 @@
+"""Impostor policies by name: how impostors are born, whether they train, and their hooks.
+
+Impostor paper, section 4 ("Protocol"): (1) the network is the pretrained backbone with
+a new embedding layer; (2) every training image's embedding under that network becomes
+its impostor (impostor i belongs to training image i, the dataset index batches carry);
+(3) impostors, and the embedding layer with them, are divided by the mean impostor norm,
+so one sigma means the same for every embedding size and initialisation.
+
+  policy = impostor_policies.make(name, config)
+  params, impostors, policy_state = policy.init(network, params, embeddings, labels)
+  state = policy.after_step(state, step, context)      # called after every update
+
+`policy_state` lives in `TrainState.impostor_state` (checkpointed): {'scale': the
+protocol step 3 factor} for every impostor policy, plus {'pq': codebooks and rotation}
+for compressed_fixed. Registered:
+  none              no impostors (ConvNet schemes).
+  fixed             frozen at the initial embeddings.
+  compressed_fixed  fixed, against OPQ/PQ-compressed impostors (paper, "Impostors
+                    compression": the quantizer is trained on the initial impostors
+                    and the network trains against their decoded, lossy values).
+  loose             optimised with the network (eq. 6's attachment term keeps them close).
+  tied              frozen between resets to the current embeddings every
+                    config.impostors.reset_every_epochs epochs (eq. 5, relaxed).
+A new policy (k-NN next) is one `@register`ed class plus its test.
+"""
+
+from typing import Any, Optional, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgjax import impostors as impostors_lib
+from fgjax import quantize
+from fgjax import registries
+
+POLICIES = registries.Registry("impostor policy", "config.impostors.policy",
+                               name_attr="name")
+register = POLICIES.register
+names = POLICIES.names
+
+
+def make(name: str, config) -> "Policy":
+  """Policy `name` configured by `config` (config.impostors, config.seed)."""
+  return POLICIES.get(name)(config)
+
+
+class Context(Protocol):
+  """What a hook may use from the running job (fgjax.train provides it)."""
+  steps_per_epoch: int
+  total_steps: int
+
+  def train_embeddings(self, state) -> tuple[np.ndarray, np.ndarray]:
+    """(M, E) embeddings and (M,) labels of every training image, in index order."""
+
+  def place(self, state):
+    """The state with its arrays on the devices, sharded by the run's rules."""
+
+
+class Policy:
+  """Base: impostors from the initial embeddings (protocol steps 2-3), no hooks."""
+  name = ""
+  uses_impostors = True
+  trainable = False       # impostor centers are optimiser leaves
+
+  def __init__(self, config):
+    self.config = config
+
+  def init(self, network, params: dict[str, Any], embeddings: np.ndarray,
+           labels: np.ndarray) -> tuple[dict[str, Any], Optional[impostors_lib.ImpostorSet],
+                                        dict[str, Any]]:
+    """(net params with the embedding layer rescaled, impostors, policy state).
+
+    Args:
+      network: the fgjax.models.nets.Network (it knows its embedding layer).
+      params: the initial network params.
+      embeddings: (M, E) embeddings of the training images under `params`, index order.
+      labels: (M,) their labels.
+    """
+    imps, scale = impostors_lib.init_impostors(jnp.asarray(embeddings),
+                                               jnp.asarray(labels))
+    # Protocol step 3: the last layer shrinks by the same factor as the impostors, so
+    # embeddings and impostors stay on one scale.
+    params = network.scale_embedding(params, 1.0 / scale)
+    return params, imps, {"scale": jnp.asarray(scale, jnp.float32)}
+
+  def abstract(self, num_impostors: int, width: int):
+    """Shapes of (impostors, policy state) for a restore, without computing them."""
+    imps = impostors_lib.ImpostorSet(
+        jax.ShapeDtypeStruct((num_impostors, width), jnp.float32),
+        jax.ShapeDtypeStruct((num_impostors,), jnp.int32))
+    return imps, {"scale": jax.ShapeDtypeStruct((), jnp.float32)}
+
+  def after_step(self, state, step: int, context: Context):
+    """The state after update `step` (1-based); the base policy changes nothing."""
+    del step, context
+    return state
+
+
+@register("none")
+class NoImpostors(Policy):
+  """ConvNet schemes: no impostors, no policy state."""
+  uses_impostors = False
+
+  def init(self, network, params, embeddings, labels):
+    return params, None, {}
+
+  def abstract(self, num_impostors, width):
+    return None, {}
+
+
+@register("fixed")
+class Fixed(Policy):
+  """Impostors frozen at the initial network's embeddings."""
+
+
+@register("loose")
+class Loose(Policy):
+  """Impostors optimised jointly with the network (their own lr multiplier, no decay)."""
+  trainable = True
+
+
+@register("tied")
+class Tied(Policy):
+  """Frozen between resets; every `reset_every_epochs` epochs they become the current
+  embeddings of the training images (not after the last step: evaluation follows)."""
+
+  def after_step(self, state, step, context):
+    period = int(self.config.impostors.reset_every_epochs) * context.steps_per_epoch
+    if not period or step % period or step >= context.total_steps:
+      return state
+    emb, labels = context.train_embeddings(state)
+    imps = impostors_lib.ImpostorSet(jnp.asarray(emb), jnp.asarray(labels, jnp.int32))
+    return context.place(state.replace(params={**state.params, "impostors": imps}))
+
+
+@register("compressed_fixed")
+class CompressedFixed(Policy):
+  """Fixed impostors replaced by their PQ reconstruction before training."""
+
+  def init(self, network, params, embeddings, labels):
+    params, imps, policy_state = super().init(network, params, embeddings, labels)
+    pq = train_quantizer(imps.centers, self.config)
+    imps = imps._replace(centers=quantize.reconstruct(pq, imps.centers))
+    return params, imps, {**policy_state, "pq": pq._asdict()}
+
+  def abstract(self, num_impostors, width):
+    imps, policy_state = super().abstract(num_impostors, width)
+    nsub = int(self.config.impostors.pq_bytes)
+    pq = {"codebooks": jax.ShapeDtypeStruct((nsub, quantize.MAX_CENTROIDS, width // nsub),
+                                            jnp.float32),
+          "rotation": jax.ShapeDtypeStruct((width, width), jnp.float32)}
+    return imps, {**policy_state, "pq": pq}
+
+
+def train_quantizer(centers: Any, config) -> quantize.ProductQuantizer:
+  """OPQ (or PQ) codebooks with config.impostors.pq_bytes one-byte codes per impostor."""
+  c = config.impostors
+  fn = quantize.train_opq if c.pq_opq else quantize.train_pq
+  return fn(jnp.asarray(centers), int(c.pq_bytes), seed=config.seed)
+
+
+def compress(impostors: impostors_lib.ImpostorSet, policy_state: dict[str, Any],
+             config) -> tuple[quantize.ProductQuantizer, np.ndarray, str]:
+  """PQ codes of the final impostors: (quantizer, (M, m) uint8 codes, when it was trained).
+
+  compressed_fixed reuses the quantizer it trained against; every other policy
+  compresses its final impostors after training (deployment only).
+  """
+  if "pq" in policy_state:
+    pq, when = quantize.ProductQuantizer(**policy_state["pq"]), "before training"
+  else:
+    pq, when = train_quantizer(impostors.centers, config), "after training"
+  pq = quantize.ProductQuantizer(*(np.asarray(x) for x in pq))
+  return pq, np.asarray(quantize.encode(pq, impostors.centers)), when
+

@@ -1,0 +1,205 @@
+"""Networks by name: a backbone, a pooling and heads, returning a documented outputs dict.
+
+`build(model_config, num_classes)` is the one factory: training, the artifact, predict
+and the CPU engines all rebuild a network through it. A network module is called as
+
+  outputs = net.apply(variables, images, train=False, backbone_train=None)
+
+and returns every backbone output (fgjax.models.segments: 'stem', 'stage1'..,
+'map', 'pooled') plus its own:
+  'features'   (N, F)  the pooling's result (`config.model.pooling`),
+  'embedding'  (N, E)  what the RBF rule and the embedding losses read,
+  'logits'     (N, C)  softmax classifier (networks with `has_logits`).
+Under jax.jit, outputs nobody reads are never computed.
+
+`net.apply(variables, backbone_outputs, method='head')` runs only the layers after the
+backbone, from a dict holding the backbone outputs in `Network.reads`: head-only
+training runs it on cached features.
+
+Registered networks (impostor paper, section 4, "Compared approaches"; protocol step 1
+replaces the backbone's last fully-connected layer):
+  convnet        pooling -> Dense(C) ('classifier'); embedding = features (ConvNet).
+  convnet_extra  pooling -> Dense(d_em) ('embed') -> ReLU -> Dense(C) (ConvNet-extra).
+  impostor       pooling -> Dense(d_em) ('embed'); no classifier: the RBF rule over
+                 impostors classifies (eq. 3).
+A new network is one `@register`ed module class plus its test.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fgjax import registries
+from fgjax.models import pooling as pooling_lib
+from fgjax.models import registry
+
+NETWORKS = registries.Registry("network", "config.model.net", name_attr="registered_name")
+register = NETWORKS.register
+names = NETWORKS.names
+
+
+class PooledNet(nn.Module):
+  """Backbone -> pooling -> `head_from_features`; subclasses define the heads.
+
+  Attributes:
+    backbone: a registry backbone (called as backbone(x, train=...), returns a dict).
+    pool: a fgjax.models.pooling module; it reads backbone output `pool.reads`.
+    num_classes: C, the width of 'logits' (networks with a classifier).
+    embed_dim: d_em, the width of the embedding layer (networks with one).
+  """
+  backbone: nn.Module
+  pool: nn.Module
+  num_classes: Optional[int] = None
+  embed_dim: Optional[int] = None
+
+  # Class-level facts about the network, read by the factory and the impostor policies.
+  has_logits = False
+  embedding_layer: Optional[str] = None   # the Dense that protocol step 3 rescales
+
+  def __call__(self, x: jax.Array, train: bool = False,
+               backbone_train: Optional[bool] = None) -> dict[str, jax.Array]:
+    """`backbone_train` keeps a frozen backbone's BatchNorm on running statistics while
+    the heads train; it defaults to `train`."""
+    out = dict(self.backbone(x, train=train if backbone_train is None
+                             else backbone_train))
+    out.update(self.head(out, train=train))
+    return out
+
+  def head(self, backbone_outputs: dict[str, jax.Array],
+           train: bool = False) -> dict[str, jax.Array]:
+    """The layers after the backbone, from a dict of backbone outputs."""
+    del train  # The registered heads behave the same in both modes.
+    features = self.pool(backbone_outputs[self.pool.reads])
+    return {"features": features, **self.head_from_features(features)}
+
+  def head_from_features(self, features: jax.Array) -> dict[str, jax.Array]:
+    raise NotImplementedError
+
+
+@register("convnet")
+class ConvNet(PooledNet):
+  """ConvNet baseline: a softmax classifier on the pooled features (embedding = features)."""
+  has_logits = True
+
+  @nn.compact
+  def head_from_features(self, features):
+    return {"embedding": features,
+            "logits": nn.Dense(self.num_classes, name="classifier")(features)}
+
+
+@register("convnet_extra")
+class ConvNetExtra(PooledNet):
+  """ConvNet-extra: a d_em layer, ReLU, then the classifier.
+
+  Without the non-linearity it would collapse to a low-rank linear classifier, which is
+  not the "extra fully-connected layer" the paper compares against.
+  """
+  has_logits = True
+  embedding_layer = "embed"
+
+  @nn.compact
+  def head_from_features(self, features):
+    embedding = nn.Dense(self.embed_dim, name="embed")(features)
+    logits = nn.Dense(self.num_classes, name="classifier")(nn.relu(embedding))
+    return {"embedding": embedding, "logits": logits}
+
+
+@register("impostor")
+class ImpostorNet(PooledNet):
+  """Impostor network: the d_em embedding layer only (eq. 1); eq. 3 classifies."""
+  embedding_layer = "embed"
+
+  @nn.compact
+  def head_from_features(self, features):
+    return {"embedding": nn.Dense(self.embed_dim, name="embed")(features)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A built network and what its users need to know about it.
+
+  Attributes:
+    name: registry name (config.model.net).
+    module: the flax network (see the module docstring for its outputs).
+    spec: the backbone's registry spec; spec.variables are the initial (pretrained)
+      backbone variables.
+    reads: backbone outputs the head reads (what a head-only run caches).
+    has_logits: whether outputs hold 'logits'.
+    embedding_layer: name of the Dense that protocol step 3 rescales, or None.
+  """
+  name: str
+  module: nn.Module
+  spec: registry.ModelSpec
+  reads: tuple[str, ...]
+  has_logits: bool
+  embedding_layer: Optional[str]
+
+  def init(self, seed: int, image_size: int) -> dict[str, Any]:
+    """{'params', 'batch_stats'}: the backbone's variables plus freshly drawn heads.
+
+    Only the heads are initialised here (on backbone output shapes from
+    jax.eval_shape), so no backbone init is compiled; flax draws each head layer's
+    values from the seed and the layer's name, as a whole-network init would.
+    """
+    dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    shapes = jax.eval_shape(
+        lambda v, x: self.spec.module.apply(v, x, train=False), self.spec.variables,
+        dummy)
+    feats = {k: jnp.zeros(shapes[k].shape, shapes[k].dtype) for k in self.reads}
+    heads = jax.jit(lambda r: self.module.init(r, feats, method="head"))(
+        jax.random.key(seed))
+    params = {**heads["params"], "backbone": self.spec.variables["params"]}
+    out = {"params": params}
+    stats = dict(heads.get("batch_stats", {}))
+    if self.spec.variables.get("batch_stats"):
+      stats["backbone"] = self.spec.variables["batch_stats"]
+    if stats:
+      out["batch_stats"] = stats
+    return out
+
+  def output_shapes(self, image_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of every output for one image of `image_size`, without computing any."""
+    dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda: self.init(0, image_size))
+    return jax.eval_shape(lambda v, x: self.module.apply(v, x, train=False), variables,
+                          dummy)
+
+  def scale_embedding(self, params: dict[str, Any], factor: Any) -> dict[str, Any]:
+    """params with the embedding layer's kernel and bias multiplied by `factor`."""
+    if self.embedding_layer is None:
+      raise ValueError(f"network {self.name!r} has no embedding layer to rescale; "
+                       "impostor schemes need one (config.model.net='impostor').")
+    layer = {k: v * factor for k, v in params[self.embedding_layer].items()}
+    return {**params, self.embedding_layer: layer}
+
+
+def build(model_config: Any, num_classes: int, *, pretrained: Optional[bool] = None,
+          net: Optional[str] = None) -> Network:
+  """The network of `model_config` (config.model) for `num_classes` classes.
+
+  Args:
+    model_config: fields backbone, pretrained, weights_path, net, pooling,
+      pooling_<option> (options of the pooling, e.g. pooling_k), embed_dim.
+    num_classes: C.
+    pretrained: overrides model_config.pretrained (an artifact loads its own weights).
+    net: overrides model_config.net (a scheme preset names its network).
+  """
+  name = net or model_config.get("net", "")
+  cls = NETWORKS.get(name)
+  pool_name = model_config.get("pooling", "avg")
+  # A pooling's option `o` comes from config.model.pooling_<o> (e.g. pooling_k).
+  options = {o: model_config.get(f"pooling_{o}") for o in pooling_lib.options(pool_name)
+             if model_config.get(f"pooling_{o}") is not None}
+  pool = pooling_lib.make(pool_name, **options)
+  use_weights = model_config.pretrained if pretrained is None else pretrained
+  spec = registry.get(model_config.backbone, pretrained=bool(use_weights),
+                      weights_path=(model_config.get("weights_path") or None)
+                      if use_weights else None)
+  module = cls(backbone=spec.module, pool=pool, num_classes=int(num_classes),
+               embed_dim=int(model_config.embed_dim) if cls.embedding_layer else None)
+  return Network(name=name, module=module, spec=spec, reads=(pool.reads,),
+                 has_logits=cls.has_logits, embedding_layer=cls.embedding_layer)
+

@@ -1,0 +1,57 @@
+"""Named backbone outputs, and running a backbone up to a stage or on from one.
+
+Every fgjax backbone is an ordered list of segments, each mapping the previous output to
+a named one, as big_vision's models return every intermediate in `out`:
+
+  'stem' -> 'stage1' .. 'stageK' (NHWC maps) -> 'map' (the last conv map, NHWC)
+  -> 'pooled' (global average of 'map', (N, C)) [-> 'logits' (ImageNet, include_top)]
+
+`run_segments(segments, x, start=None, stop=None)` returns the dict of the outputs it
+computed. `stop='stage3'` runs up to stage3 and nothing after it; `start='stage3'` takes
+`x` as the stage3 output and continues from there, so sequential early exit runs a
+backbone piece by piece without computing anything twice. Each segment's layers have
+fixed names inside the backbone module, so the same variables serve every (start, stop).
+"""
+
+from typing import Callable, Optional, Sequence
+
+import jax
+
+Segment = tuple[str, Callable[[jax.Array], jax.Array]]
+
+
+def output_names(segments: Sequence[Segment]) -> tuple[str, ...]:
+  return tuple(name for name, _ in segments)
+
+
+def _position(names: Sequence[str], name: str, what: str) -> int:
+  if name not in names:
+    raise ValueError(f"{what}={name!r} is not an output of this backbone; its outputs "
+                     f"are {', '.join(names)}.")
+  return list(names).index(name)
+
+
+def run_segments(segments: Sequence[Segment], x: jax.Array, start: Optional[str] = None,
+                 stop: Optional[str] = None) -> dict[str, jax.Array]:
+  """Runs the segments after `start` (all when None) through `stop` (the last when None).
+
+  Args:
+    segments: (name, fn) pairs in forward order; fn maps the previous output to this one.
+    x: the backbone's input images, or the `start` output when `start` is given.
+    start: name of the output `x` is; the run begins with the segment after it.
+    stop: name of the last output to compute.
+
+  Returns:
+    {name: output} for every segment that ran, in forward order.
+  """
+  names = output_names(segments)
+  first = 0 if start is None else _position(names, start, "start") + 1
+  last = len(names) - 1 if stop is None else _position(names, stop, "stop")
+  if last < first:
+    raise ValueError(f"stop={stop!r} comes before the first segment after "
+                     f"start={start!r}; the outputs are ordered {', '.join(names)}.")
+  out = {}
+  for name, fn in segments[first:last + 1]:
+    x = fn(x)
+    out[name] = x
+  return out

@@ -1,0 +1,246 @@
+"""Loss terms by name: the training loss is a weighted sum of terms over named outputs.
+
+  objective = objectives.build(('nca', 'attachment'), config.loss)
+  loss, new_loss_state, metrics = objective(outputs, batch, impostors, loss_state)
+
+Each term is a pure function of the network's outputs dict (it reads
+`outputs[term.input]`), the batch ({'label', 'index', 'valid'}), the impostor set (terms
+that use one) and its own state, which lives in `TrainState.loss_state[term.name]`
+(class means, feature centers): checkpointed with the rest, initialised by
+`init_state`, replaced every step by the term's own update rule. Every term returns its
+UNWEIGHTED mean over the valid rows (batch['valid'] False = padding, weight 0);
+the objective adds weight * term in the order given and logs '<name>_loss' per term.
+
+Registered terms, each configured by `config.loss.<name>` (weight, input, options):
+  ce          softmax cross-entropy on 'logits'; logs train_accuracy.
+  nca         NCA loss over all impostors, impostor paper eq. (4); each training image
+              bypasses its own impostor (j != i, batch['index']). Option sigma (eq. 2).
+  attachment  ||f(x_i) - c_i||^2 to the image's own impostor, eq. (6); its weight is
+              the lambda of eq. (6).
+  center      Wen et al. 2016 eq. (2) against class means updated by their eq. (4).
+  elope       ELoPE L_e = L_w + L_b, eq. (5), (9), (10), means by eq. (6)-(8).
+Repeated labels in a batch: the class-mean terms sum every row's contribution to its
+class (segment sums, ELoPE eq. 6-8), never last-write-wins.
+A new term is one `@register`ed class plus its test.
+"""
+
+import dataclasses
+from typing import Any, ClassVar, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fgjax import losses
+from fgjax import registries
+from fgjax.impostors import ImpostorSet
+
+# A term's name is also its config section, config.loss.<name>.
+TERMS = registries.Registry("loss term", "config.loss.terms", name_attr="name")
+register = TERMS.register
+names = TERMS.names
+
+
+def _valid_mean(per_example: jax.Array, weights: jax.Array) -> jax.Array:
+  return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def _unit_rows(f: jax.Array) -> jax.Array:
+  # rsqrt of a clamped square norm: finite value and gradient at f = 0.
+  return f * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(f), -1, keepdims=True), 1e-12))
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """Base of the registered terms: a weight, the output it reads, and its options.
+
+  Subclasses set `uses_impostors` and implement `__call__`; terms with state also
+  implement `init_state`.
+  """
+  weight: float
+  input: str
+  name: ClassVar[str]
+  uses_impostors: ClassVar[bool] = False
+
+  def init_state(self, num_classes: int, input_shape: Sequence[int]) -> Optional[Any]:
+    """The term's state for `num_classes` classes and an input of `input_shape`
+    (one example, e.g. (E,)); None for stateless terms."""
+    del num_classes, input_shape
+    return None
+
+  def __call__(self, outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
+               impostors: Optional[ImpostorSet], state: Any
+               ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+    """(unweighted mean loss, new state, extra metrics)."""
+    raise NotImplementedError
+
+
+@register("ce")
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy(Term):
+  """Softmax cross-entropy on outputs[input] (N, C) logits."""
+
+  def __call__(self, outputs, batch, impostors, state):
+    logits, labels = outputs[self.input], batch["label"]
+    weights = batch["valid"].astype(jnp.float32)
+    loss = _valid_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+                       weights)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return loss, state, {"train_accuracy": _valid_mean(correct, weights)}
+
+
+@register("nca")
+@dataclasses.dataclass(frozen=True)
+class NCA(Term):
+  """NCA loss of eq. (4) over all M impostors (`fgjax.losses.nca_loss`).
+
+  sigma: kernel width of eq. (2) during training.
+  """
+  sigma: float = 0.2
+  uses_impostors: ClassVar[bool] = True
+
+  def __call__(self, outputs, batch, impostors, state):
+    per_example = losses.nca_loss(outputs[self.input], batch["label"], impostors.centers,
+                                  impostors.labels, self.sigma, exclude=batch["index"])
+    return _valid_mean(per_example, batch["valid"].astype(jnp.float32)), state, {}
+
+
+@register("attachment")
+@dataclasses.dataclass(frozen=True)
+class Attachment(Term):
+  """Loose impostors, eq. (6): ||f(x_i) - c_i||^2 to the image's own impostor."""
+  uses_impostors: ClassVar[bool] = True
+
+  def __call__(self, outputs, batch, impostors, state):
+    own = jnp.take(impostors.centers, batch["index"], axis=0)
+    per_example = losses.attachment_loss(outputs[self.input], own)
+    return _valid_mean(per_example, batch["valid"].astype(jnp.float32)), state, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClassMeanTerm(Term):
+  """A term with per-class means (C, *input_shape) as state, starting at zero.
+
+  Zeros (ELoPE does not say how it initialises) need no pass over the training set and
+  give one structure for init and restore; the online update pulls a class's mean to
+  its features within a few of its batches (its weight on the zero start shrinks by
+  1 - alpha N_c / (1 + N_c) per batch).
+
+  alpha: mean update rate (ELoPE eq. 6 / Wen et al. eq. 4); normalize: l2-normalise
+  the input first (ELoPE Sec. 4.1; it makes the margin scale-free).
+  """
+  alpha: float = 0.5
+  normalize: bool = True
+
+  def init_state(self, num_classes, input_shape):
+    return jnp.zeros((num_classes,) + tuple(input_shape), jnp.float32)
+
+  def _features(self, outputs):
+    f = outputs[self.input].astype(jnp.float32)
+    return _unit_rows(f) if self.normalize else f
+
+
+@register("center")
+@dataclasses.dataclass(frozen=True)
+class Center(_ClassMeanTerm):
+  """Center loss, Wen et al. 2016: mean_n 0.5 ||f_n - mu_{y_n}||^2 over valid rows.
+
+  Averaged (not summed) so the weight does not depend on the batch size; the means are
+  held constant in the loss and then follow Wen et al.'s separate update
+  mu <- mu - alpha * Delta mu (their eq. 4, the rule of ELoPE eq. 6-8), which sees the
+  features without gradient.
+  """
+
+  def __call__(self, outputs, batch, impostors, means):
+    f, labels = self._features(outputs), batch["label"]
+    weights = batch["valid"].astype(jnp.float32)
+    loss = _valid_mean(losses.center_loss(f, labels, jax.lax.stop_gradient(means)),
+                       weights)
+    new_means = losses.update_class_means(means, jax.lax.stop_gradient(f), labels,
+                                          self.alpha, weights)
+    return loss, new_means, {}
+
+
+@register("elope")
+@dataclasses.dataclass(frozen=True)
+class ELoPE(_ClassMeanTerm):
+  """ELoPE's L_e = L_w + L_b (eq. 5, 9, 10): the means are updated with the batch first
+  (eq. 6) and the loss differentiates through that update.
+
+  gamma: weight of the between-class term; margin: m of eq. (10), on squared
+  distances between means.
+  """
+  gamma: float = 16.0
+  margin: float = 0.75
+
+  def __call__(self, outputs, batch, impostors, means):
+    loss, new_means = losses.elope_loss(self._features(outputs), batch["label"], means,
+                                        self.alpha, self.gamma, self.margin,
+                                        batch["valid"].astype(jnp.float32))
+    return loss, new_means, {}
+
+
+def make(name: str, **fields) -> Term:
+  """Term `name` from its config fields (weight, input and its options)."""
+  cls = TERMS.get(name)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"config.loss.{name} has field(s) {', '.join(unknown)} that the "
+                     f"{name!r} term does not take; it takes {', '.join(sorted(known))}.")
+  return cls(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The weighted sum of `terms`; a pure function of (outputs, batch, impostors, state)."""
+  terms: tuple[Term, ...]
+
+  @property
+  def uses_impostors(self) -> bool:
+    return any(t.uses_impostors for t in self.terms)
+
+  def init_state(self, num_classes: int,
+                 output_shapes: dict[str, Any]) -> dict[str, Any]:
+    """{term name: state} for the terms that keep one; shapes per example."""
+    state = {}
+    for t in self.terms:
+      s = t.init_state(num_classes, tuple(output_shapes[t.input].shape[1:]))
+      if s is not None:
+        state[t.name] = s
+    return state
+
+  def __call__(self, outputs, batch, impostors, loss_state):
+    total = 0.0
+    new_state, metrics = {}, {}
+    for t in self.terms:
+      value, s, extra = t(outputs, batch, impostors, loss_state.get(t.name))
+      if t.name in loss_state:
+        new_state[t.name] = s
+      metrics[f"{t.name}_loss"] = value
+      metrics.update(extra)
+      total = total + t.weight * value
+    metrics["loss"] = total
+    return total, new_state, metrics
+
+  def describe(self) -> list[dict[str, Any]]:
+    """JSON-friendly list of the terms and their settings, for results.json."""
+    return [{"name": t.name, **dataclasses.asdict(t)} for t in self.terms]
+
+
+def build(term_names: Sequence[str], loss_config: Any) -> Objective:
+  """The objective of `term_names`, each configured by `loss_config.<name>`."""
+  if not term_names:
+    raise ValueError("the loss has no terms; set config.loss.terms (e.g. 'ce') or a "
+                     "config.scheme whose preset names them.")
+  if len(set(term_names)) != len(term_names):
+    raise ValueError(f"config.loss terms {list(term_names)} name a term twice.")
+  terms = []
+  for name in term_names:
+    section = loss_config.get(name) if name in TERMS else None
+    if name in TERMS and section is None:
+      raise ValueError(f"config.loss.{name} is missing: give the {name!r} term its "
+                       "weight and input (configs/common.py has the defaults).")
+    terms.append(make(name, **(section.to_dict() if hasattr(section, "to_dict")
+                               else dict(section or {}))))
+  return Objective(tuple(terms))

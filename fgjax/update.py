@@ -1,0 +1,97 @@
+"""The one update path: forward, weighted loss terms, gradients, optimiser step.
+
+  update = jax.jit(update_lib.make_update(network, objective, tx, frozen=..., forward=...),
+                   donate_argnums=(0,))
+  state, metrics = update(state, batch)
+
+`forward` says how the network runs during training:
+  'train'     backbone and heads in train mode (BatchNorm batch statistics, updated
+              running statistics): config.model.trainable='all'.
+  'frozen_bn' the backbone's BatchNorm on running statistics, heads in train mode:
+              part of the backbone trains ('last:N') or none of it ('head') but the
+              images change every step (augmentation).
+  'heads'     only the layers after the backbone, on cached backbone outputs
+              (batch['backbone'] = {name: array}): head-only training on a CPU budget.
+Frozen backbone blocks are constants of the loss (`jax.lax.stop_gradient`): the
+optimiser masks them anyway, and stopping the gradient spares the backward pass through
+them (with 'last:3' of Lite0 that is most of the step).
+"""
+
+from typing import Any
+
+import jax
+import optax
+
+from fgjax import objectives
+from fgjax import train_state as train_state_lib
+
+FORWARDS = ("train", "frozen_bn", "heads")
+
+
+def forward_mode(trainable: str, cache_features: bool) -> str:
+  """The `forward` of a run: config.model.trainable and config.train.cache_features."""
+  if cache_features:
+    return "heads"
+  return "train" if trainable == "all" else "frozen_bn"
+
+
+def stop_frozen(net_params: dict[str, Any], frozen: frozenset[str]) -> dict[str, Any]:
+  """Network params with the frozen backbone blocks behind stop_gradient."""
+  if not frozen or "backbone" not in net_params:
+    return net_params
+  backbone = {name: jax.lax.stop_gradient(p) if name in frozen else p
+              for name, p in net_params["backbone"].items()}
+  return {**net_params, "backbone": backbone}
+
+
+def make_update(network, objective: objectives.Objective,
+                tx: optax.GradientTransformation, *, frozen: frozenset[str],
+                forward: str):
+  """update(state, batch) -> (state, metrics) for the given network and loss.
+
+  Args:
+    network: a fgjax.models.nets.Network.
+    objective: the weighted loss terms.
+    tx: the optimiser over `state.trainable()`.
+    frozen: backbone blocks that do not train.
+    forward: one of FORWARDS (module docstring).
+
+  The batch holds 'label', 'index' (the example's own impostor), 'valid' (False rows
+  weigh zero) and 'image' (normalised NHWC) or, for forward='heads', 'backbone'.
+  """
+  if forward not in FORWARDS:
+    raise ValueError(f"forward={forward!r}; use one of {', '.join(FORWARDS)}.")
+  net = network.module
+
+  def outputs_and_stats(net_params, state, batch):
+    variables = {"params": stop_frozen(net_params, frozen)}
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+    if forward == "heads":
+      return net.apply(variables, batch["backbone"], train=True,
+                       method="head"), state.batch_stats
+    if forward == "train" and state.batch_stats:
+      outputs, mutated = net.apply(variables, batch["image"], train=True,
+                                   mutable=["batch_stats"])
+      return outputs, mutated["batch_stats"]
+    return net.apply(variables, batch["image"], train=True,
+                     backbone_train=False), state.batch_stats
+
+  def update(state: train_state_lib.TrainState, batch: dict[str, Any]):
+    def loss_fn(trainable):
+      outputs, new_stats = outputs_and_stats(trainable["net"], state, batch)
+      imps = state.with_trainable(trainable).impostors
+      loss, loss_state, metrics = objective(outputs, batch, imps, state.loss_state)
+      return loss, (metrics, new_stats, loss_state)
+
+    trainable = state.trainable()
+    grads, (metrics, new_stats, loss_state) = jax.grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    new_state = state.with_trainable(trainable).replace(
+        step=state.step + 1, batch_stats=new_stats, opt_state=opt_state,
+        loss_state=loss_state)
+    return new_state, metrics
+
+  return update

@@ -1,0 +1,130 @@
+"""What a training workdir guarantees: one config per workdir, atomic files, clean logs.
+
+* `write_json` is fgjax's one JSON writer: write to a temporary file, then rename, so a
+  crash never leaves a half-written file that a reader would trust.
+* `check_config` runs before anything in a workdir is written or computed. A workdir
+  that holds another run's config.json may only be reused for the same experiment:
+  a change that alters what is trained (scheme, network, pooling, embed_dim, batch
+  size, loss terms, data set or split, learning rate, ...) is an error that lists every
+  changed field and says how to start fresh; the fields in HARMLESS (how long to
+  train with a constant learning rate, logging, checkpoint interval, evaluation,
+  loader workers, device count) may change, and each change is logged.
+* `truncate_metrics` drops the rows of metrics.jsonl after the step a run resumes
+  from, which the resumed run logs again, so every step appears once.
+"""
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+# Fields (or whole sections, ending in '.') that may differ from the run that created
+# the workdir. num_epochs / num_steps only while the learning rate is constant: a
+# cosine schedule decays over the total number of steps.
+HARMLESS = ("train.log_every_steps", "train.checkpoint_every_steps",
+            "train.feature_cache_dir", "input.worker_count", "eval.", "num_devices",
+            "distributed")
+_LENGTH = ("train.num_epochs", "train.num_steps")
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as indented JSON atomically (temporary file + rename)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=_json_default)
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _json_default(o):
+  if isinstance(o, np.generic):
+    return o.item()
+  if isinstance(o, (np.ndarray, jax.Array)):
+    return np.asarray(o).tolist()
+  return str(o)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  # JSON turns tuples into lists; compare in the JSON form.
+  return {prefix[:-1]: json.loads(json.dumps(tree, default=_json_default))}
+
+
+def _harmless(field: str, new: dict[str, Any]) -> bool:
+  if field in _LENGTH:
+    return new.get("optim.schedule", "constant") == "constant"
+  return any(field == h or (h.endswith(".") and field.startswith(h)) for h in HARMLESS)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list, list]:
+  """([(field, old, new)] incompatible, [(field, old, new)] harmless) differences."""
+  a, b = _flatten(old), _flatten(new)
+  bad, fine = [], []
+  for field in sorted(set(a) | set(b)):
+    va, vb = a.get(field, "(absent)"), b.get(field, "(absent)")
+    if va != vb:
+      (fine if _harmless(field, b) else bad).append((field, va, vb))
+  return bad, fine
+
+
+def check_config(workdir: str, config_dict: dict[str, Any]) -> bool:
+  """Raises ValueError if `workdir` belongs to an incompatible config.
+
+  Returns True when the workdir already holds a run of this experiment (resume),
+  False for a new workdir. Reads only; writes nothing.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return False
+  try:
+    old = read_json(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is unreadable ({e}); it names the config of the run in "
+                     f"this workdir. Use a new --workdir, or delete {workdir} to start "
+                     "fresh.") from e
+  bad, fine = config_changes(old, config_dict)
+  if bad:
+    lines = "\n".join(f"  config.{f}: {va!r} -> {vb!r}" for f, va, vb in bad)
+    raise ValueError(
+        f"{workdir} holds a run with another config, so it cannot resume with this "
+        f"one; changed:\n{lines}\nNothing was written. Start fresh with a new "
+        f"--workdir (or delete {workdir}), or run with the config of {path}.")
+  for f, va, vb in fine:
+    logging.warning("Resuming %s with config.%s changed: %r -> %r.", workdir, f, va, vb)
+  return True
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+  """Keeps the rows of metrics.jsonl with step <= `step` (atomically)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line)
+    except (ValueError, KeyError):
+      continue  # A line cut by a crash mid-write.
+  if len(keep) == len(lines):
+    return
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
