@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.pooling_k = 4       # K of kmax / weighted_kmax (ELoPE Table 2)
   c.model.embed_dim = 512     # d_em (paper default)
   c.model.trainable = "all"   # 'all' | 'head' | 'last:N' backbone blocks (CPU budgets)
+  # Top-level parameter groups that do not train either, comma-separated (e.g.
+  # 'embed,classifier' while only a localization module trains).
+  c.model.frozen = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "birds525"  # image_folder | birds525 | cars196 | tfds | digits

@@ -147,8 +147,14 @@ def _validate_pq(config: Any) -> None:
 
 
 def check_compatible(resolved, network, objective, policy,
-                     output_shapes: dict[str, Any]) -> None:
-  """Raises ValueError when the loss terms or the policy need what the network lacks."""
+                     output_shapes: dict[str, Any], param_groups, frozen_groups) -> None:
+  """Raises ValueError when the loss terms, the policy or config.model.frozen need what
+  the network lacks."""
+  unknown = sorted(set(frozen_groups) - set(param_groups))
+  if unknown:
+    raise ValueError(f"config.model.frozen names {unknown}, which network "
+                     f"{network.name!r} does not have; its parameter groups are "
+                     f"{', '.join(sorted(param_groups))}.")
   for term in objective.terms:
     if term.input not in output_shapes:
       raise ValueError(

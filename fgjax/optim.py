@@ -34,30 +34,33 @@ def parse_trainable(value: str) -> tuple[str, int]:
                    f"{_TRAINABLE_HELP}.")
 
 
-def frozen_blocks(trainable: str, blocks: Sequence[str]) -> frozenset[str]:
-  """The backbone blocks config.model.trainable leaves frozen.
+def frozen_paths(trainable: str, blocks: Sequence[str],
+                 groups: Sequence[str] = ()) -> frozenset[tuple[str, ...]]:
+  """The network parameter subtrees that do not train, as path prefixes.
 
-  'all' -> none, 'head' -> every block, 'last:N' -> all but the last N of `blocks`
-  (the backbone's top-level parameter groups in forward order).
+  Backbone blocks from config.model.trainable ('all' -> none, 'head' -> every block,
+  'last:N' -> all but the last N of `blocks`, the backbone's top-level parameter groups
+  in forward order), plus whole top-level groups from config.model.frozen (e.g.
+  'embed', 'classifier' while only a localization module trains).
   """
   mode, n = parse_trainable(trainable)
-  if mode == "all":
-    return frozenset()
-  if mode == "head":
-    return frozenset(blocks)
-  if n > len(blocks):
+  if mode == "last" and n > len(blocks):
     raise ValueError(f"config.model.trainable='last:{n}' but the backbone has only "
                      f"{len(blocks)} blocks: {list(blocks)}.")
-  return frozenset(blocks[:-n])
+  frozen = {"all": (), "head": tuple(blocks), "last": tuple(blocks[:-n] if n else ())}
+  return frozenset({("backbone", b) for b in frozen[mode]} | {(g,) for g in groups})
+
+
+def is_frozen(path: Sequence[str], frozen: frozenset[tuple[str, ...]]) -> bool:
+  """Whether parameter `path` (names from the network params root) lies in `frozen`."""
+  return any(tuple(path[:len(p)]) == p for p in frozen)
 
 
 def trainable_labels(trainable: Any, *, train_impostors: bool,
-                     frozen: frozenset[str]) -> Any:
+                     frozen: frozenset[tuple[str, ...]]) -> Any:
   """Tree of optimiser labels matching `trainable` = {'net': ..., 'centers'?: ...}."""
   def net_label(path, _):
-    top = path[0].key if path else None
-    second = path[1].key if len(path) > 1 else None
-    return FROZEN if top == "backbone" and second in frozen else TRAIN
+    return FROZEN if is_frozen([k.key for k in path], frozen) else TRAIN
   labels = {"net": jax.tree_util.tree_map_with_path(net_label, trainable["net"])}
   if "centers" in trainable:
     labels["centers"] = IMPOSTORS if train_impostors else FROZEN

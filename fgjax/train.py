@@ -85,8 +85,13 @@ class Run:
     self.objective = objectives.build(self.resolved.terms, config.loss)
     self.policy = impostor_policies.make(self.resolved.policy, config)
     self.output_shapes = self.network.output_shapes(config.input.image_size)
+    abstract_params = jax.eval_shape(
+        lambda: self.network.init(config.seed, config.input.image_size))
+    self._abstract_variables = abstract_params
     config_checks.check_compatible(self.resolved, self.network, self.objective,
-                                   self.policy, self.output_shapes)
+                                   self.policy, self.output_shapes,
+                                   abstract_params["params"],
+                                   schemes.split_names(config.model.frozen))
     self.outputs = split_outputs_lib.SplitOutputs(self.network, self.splits, self.mesh,
                                                   config)
     self.steps_per_epoch = self.outputs.steps_per_epoch
@@ -95,12 +100,10 @@ class Run:
                        f"than the training split ({len(self.splits.train)} images).")
     self.total_steps = (int(config.train.num_steps) if config.train.get("num_steps")
                         else int(config.train.num_epochs) * self.steps_per_epoch)
-    self.frozen = optim.frozen_blocks(config.model.trainable, self.network.spec.blocks)
+    self.frozen = optim.frozen_paths(config.model.trainable, self.network.spec.blocks,
+                                     schemes.split_names(config.model.frozen))
     self.forward = update_lib.forward_mode(config.model.trainable,
                                            bool(config.train.cache_features))
-    abstract_params = jax.eval_shape(
-        lambda: self.network.init(config.seed, config.input.image_size))
-    self._abstract_variables = abstract_params
     abstract_imps, self._abstract_policy_state = self.policy.abstract(
         len(self.splits.train), int(self.output_shapes["embedding"].shape[-1]))
     self._abstract_impostors = abstract_imps

@@ -23,6 +23,7 @@ import jax
 import optax
 
 from fgjax import objectives
+from fgjax import optim
 from fgjax import train_state as train_state_lib
 
 FORWARDS = ("train", "frozen_bn", "heads")
@@ -35,17 +36,19 @@ def forward_mode(trainable: str, cache_features: bool) -> str:
   return "train" if trainable == "all" else "frozen_bn"
 
 
-def stop_frozen(net_params: dict[str, Any], frozen: frozenset[str]) -> dict[str, Any]:
-  """Network params with the frozen backbone blocks behind stop_gradient."""
-  if not frozen or "backbone" not in net_params:
+def stop_frozen(net_params: dict[str, Any],
+                frozen: frozenset[tuple[str, ...]]) -> dict[str, Any]:
+  """Network params with the frozen subtrees (optim.frozen_paths) behind stop_gradient."""
+  if not frozen:
     return net_params
-  backbone = {name: jax.lax.stop_gradient(p) if name in frozen else p
-              for name, p in net_params["backbone"].items()}
-  return {**net_params, "backbone": backbone}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: jax.lax.stop_gradient(p)
+      if optim.is_frozen([k.key for k in path], frozen) else p, net_params)
 
 
 def make_update(network, objective: objectives.Objective,
-                tx: optax.GradientTransformation, *, frozen: frozenset[str],
+                tx: optax.GradientTransformation, *,
+                frozen: frozenset[tuple[str, ...]],
                 forward: str):
   """update(state, batch) -> (state, metrics) for the given network and loss.
 
@@ -53,7 +56,7 @@ def make_update(network, objective: objectives.Objective,
     network: a fgjax.models.nets.Network.
     objective: the weighted loss terms.
     tx: the optimiser over `state.trainable()`.
-    frozen: backbone blocks that do not train.
+    frozen: parameter subtrees that do not train (optim.frozen_paths).
     forward: one of FORWARDS (module docstring).
 
   The batch holds 'label', 'index' (the example's own impostor), 'valid' (False rows

@@ -19,7 +19,7 @@ def model_config(**overrides):
 
 
 def test_registered_names():
-  assert nets.names() == ("convnet", "convnet_extra", "impostor")
+  assert nets.names() == ("convnet", "convnet_extra", "elope", "impostor")
 
 
 @pytest.mark.parametrize("net", nets.names())
@@ -71,6 +71,17 @@ def test_head_init_equals_whole_network_init():
                network.spec.variables["params"])
   jax.tree.map(np.testing.assert_array_equal, ours["batch_stats"]["backbone"],
                network.spec.variables["batch_stats"])
+
+
+def test_elope_classifier_reads_the_linear_embedding():
+  network = nets.build(model_config(net="elope", pooling="kmax"), 5)
+  variables = network.init(1, 8)
+  out = network.module.apply(variables, jax.random.normal(jax.random.key(3), (4, 8, 8, 3)))
+  w = variables["params"]["classifier"]
+  # No ReLU between embedding and classifier (ConvNet-extra has one).
+  np.testing.assert_allclose(out["logits"], out["embedding"] @ w["kernel"] + w["bias"],
+                             rtol=1e-5, atol=1e-5)
+  assert float(jnp.min(out["embedding"])) < 0
 
 
 def test_scale_embedding_scales_the_embedding():

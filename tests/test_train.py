@@ -528,3 +528,16 @@ def test_init_from_restores_what_it_names(tmp_path):
                               "init_from_parts": "impostors"}))
   with pytest.raises(ValueError, match=r"config\.init_from='/nonexistent'"):
     train.Run(small_config(**{"init_from": "/nonexistent"}))
+
+
+def test_frozen_groups_do_not_train(tmp_path):
+  config = small_config("ce_extra", steps=3, **{"model.frozen": "embed"})
+  before = train.Run(config).initial_state().params["net"]
+  train.train_and_evaluate(config, str(tmp_path))
+  _, state = final_state(tmp_path, config)
+  after = state.params["net"]
+  jax.tree.map(np.testing.assert_array_equal, after["embed"], before["embed"])
+  assert np.abs(np.asarray(after["classifier"]["kernel"]) -
+                np.asarray(before["classifier"]["kernel"])).max() > 0
+  with pytest.raises(ValueError, match=r"config\.model\.frozen names \['localizer'\]"):
+    train.Run(small_config("ce_extra", **{"model.frozen": "localizer"}))

@@ -20,6 +20,8 @@ Registered networks (impostor paper, section 4, "Compared approaches"; protocol 
 replaces the backbone's last fully-connected layer):
   convnet        pooling -> Dense(C) ('classifier'); embedding = features (ConvNet).
   convnet_extra  pooling -> Dense(d_em) ('embed') -> ReLU -> Dense(C) (ConvNet-extra).
+  elope          pooling -> Dense(d_em) ('embed') -> Dense(C): ELoPE's embedding layer
+                 (section 4), trained with the 'elope' loss term.
   impostor       pooling -> Dense(d_em) ('embed'); no classifier: the RBF rule over
                  impostors classifies (eq. 3).
 A new network is one `@register`ed module class plus its test.
@@ -105,6 +107,26 @@ class ConvNetExtra(PooledNet):
     embedding = nn.Dense(self.embed_dim, name="embed")(features)
     logits = nn.Dense(self.num_classes, name="classifier")(nn.relu(embedding))
     return {"embedding": embedding, "logits": logits}
+
+
+@register("elope")
+class ELoPENet(PooledNet):
+  """ELoPE, section 4: pooling -> embedding layer (Dense d_em) -> classifier.
+
+  The embedding layer sits between the pooling and the classification layer; ELoPE's
+  L_e (loss term 'elope') shapes it, cross-entropy trains the classifier on it. The
+  paper's baselines "include a fully connected layer with dimension 512 before the
+  classification layer" (section 6.3) and name no non-linearity between the two, so
+  there is none here (ConvNet-extra puts a ReLU there).
+  """
+  has_logits = True
+  embedding_layer = "embed"
+
+  @nn.compact
+  def head_from_features(self, features):
+    embedding = nn.Dense(self.embed_dim, name="embed")(features)
+    return {"embedding": embedding,
+            "logits": nn.Dense(self.num_classes, name="classifier")(embedding)}
 
 
 @register("impostor")
