@@ -83,6 +83,32 @@ def openset(known: dict[str, np.ndarray], unknown: dict[str, np.ndarray], *,
   return report
 
 
+def localization(outputs: dict[str, np.ndarray], *, tau: float) -> dict[str, Any]:
+  """ELoPE Table 4 on one split: the fraction of images whose box has IoU >= 0.5 with
+  the ground truth, for the localization module's boxes ('box', when the network has
+  one) and for the classifier's own mean map of the image ('heatmap_target' of the
+  localized network, else 'mean_map'); boxes from heat maps by
+  localize.heatmap_boxes(., tau).
+
+  Args:
+    outputs: network outputs of the split with 'true_box' (N, 4) (sources without
+      boxes give no 'true_box': then only the number of images is reported).
+  """
+  from fgjax.models import localize  # pylint: disable=g-import-not-at-top
+  heat = outputs["heatmap_target"] if "heatmap_target" in outputs else outputs["mean_map"]
+  report: dict[str, Any] = {"num_examples": int(len(heat)), "tau": float(tau)}
+  if "true_box" not in outputs:
+    report["accuracy"] = "no ground-truth boxes in this split's source"
+    return report
+  truth = jnp.asarray(outputs["true_box"])
+  mean_boxes = localize.heatmap_boxes(jnp.asarray(heat), tau)
+  report["mean_map_iou50"] = localize.localization_accuracy(mean_boxes, truth)
+  if "box" in outputs:
+    report["module_iou50"] = localize.localization_accuracy(jnp.asarray(outputs["box"]),
+                                                            truth)
+  return report
+
+
 def flat_scalars(results: dict[str, Any]) -> dict[str, float]:
   """{"test/rbf_top1": ...}: the accuracies of `results` as TensorBoard scalars."""
   out = {}

@@ -22,24 +22,30 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 # Bump when the preprocessing or the backbones change what a key's features are.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _META = ("label", "index")
 
 
+def file_stamp(path: Optional[str]) -> Optional[list]:
+  """[absolute path, size, mtime] of a file, None without one: a key part for it."""
+  if not path or not os.path.exists(path):
+    return None
+  st = os.stat(path)
+  return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+
+
 def fingerprint(config: Any, split: str, source: Any, outputs: Sequence[str],
-                weights_file: Optional[str]) -> str:
-  """Hex digest naming the backbone `outputs` of `split` of `source` under `config`."""
-  weights = None
-  if weights_file and os.path.exists(weights_file):
-    st = os.stat(weights_file)
-    weights = [os.path.abspath(weights_file), st.st_size, int(st.st_mtime)]
+                trunk: dict[str, Any]) -> str:
+  """Hex digest naming the trunk `outputs` of `split` of `source` under `config`.
+
+  `trunk` describes what computes them: the network's trunk_config (backbone,
+  pretrained, localizer settings), the weights file, an init_from checkpoint.
+  """
   labels = np.asarray(getattr(source, "labels", np.zeros(0)))
   digest = hashlib.sha256()
   digest.update(json.dumps({
       "version": FORMAT_VERSION,
-      "backbone": config.model.backbone,
-      "pretrained": bool(config.model.pretrained),
-      "weights": weights,
+      "trunk": trunk,
       "image_size": int(config.input.image_size),
       "resize_size": int(config.input.resize_size),
       "data": config.data.to_dict(),

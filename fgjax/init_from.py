@@ -40,6 +40,16 @@ def parse_parts(value: str) -> tuple[str, ...]:
   return parts
 
 
+def stamp(workdir: str) -> list:
+  """[absolute path, latest step, its mtime]: what identifies the loaded checkpoint."""
+  path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  steps = sorted(int(p) for p in os.listdir(path) if p.isdigit()) if os.path.isdir(
+      path) else []
+  if not steps:
+    return [path, None, None]
+  return [path, steps[-1], int(os.stat(os.path.join(path, str(steps[-1]))).st_mtime)]
+
+
 def load(workdir: str) -> dict[str, Any]:
   """The latest checkpoint of `workdir` as nested dicts of NumPy arrays."""
   path = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -83,8 +93,8 @@ def merge(target: Any, source: Any, what: str) -> Any:
   kept = sorted(set(tgt) - set(src))
   dropped = sorted(set(src) - set(tgt))
   if kept:
-    logging.warning("init_from: %s not in the source run, freshly initialised: %s",
-                    what, ", ".join(kept))
+    logging.warning("init_from: %s not in the source run, kept from this network's own "
+                    "initialisation: %s", what, ", ".join(kept))
   if dropped:
     logging.warning("init_from: %s of the source run not used: %s", what,
                     ", ".join(dropped))

@@ -19,6 +19,8 @@ Registered terms, each configured by `config.loss.<name>` (weight, input, option
               the lambda of eq. (6).
   center      Wen et al. 2016 eq. (2) against class means updated by their eq. (4).
   elope       ELoPE L_e = L_w + L_b, eq. (5), (9), (10), means by eq. (6)-(8).
+  heatmap     ELoPE section 5: smooth L1 of the localization module's heat map against
+              the trained classifier's (outputs 'heatmap', 'heatmap_target').
 Repeated labels in a batch: the class-mean terms sum every row's contribution to its
 class (segment sums, ELoPE eq. 6-8), never last-write-wins.
 A new term is one `@register`ed class plus its test.
@@ -178,6 +180,30 @@ class ELoPE(_ClassMeanTerm):
                                         self.alpha, self.gamma, self.margin,
                                         batch["valid"].astype(jnp.float32))
     return loss, new_means, {}
+
+
+@register("heatmap")
+@dataclasses.dataclass(frozen=True)
+class Heatmap(Term):
+  """ELoPE section 5: smooth L1 (Girshick 2015, Fast R-CNN eq. 3) between a predicted
+  heat map outputs[input] (N, I, J) and outputs[target], averaged over the cells.
+
+  smooth_L1(d) = 0.5 d^2 for |d| < 1, |d| - 0.5 otherwise. The target carries no
+  gradient (the localized network stops it), so only the module learns.
+  """
+  target: str = "heatmap_target"
+
+  def __call__(self, outputs, batch, impostors, state):
+    pred, target = outputs[self.input], outputs[self.target]
+    if pred.shape != target.shape:
+      raise ValueError(f"loss term 'heatmap': outputs[{self.input!r}] has shape "
+                       f"{tuple(pred.shape)} but outputs[{self.target!r}] has "
+                       f"{tuple(target.shape)}; set config.model.localizer_map_size to "
+                       "the side of the classifier's map.")
+    d = jnp.abs(pred - target)
+    per_cell = jnp.where(d < 1.0, 0.5 * d * d, d - 0.5)
+    per_example = jnp.mean(per_cell.reshape(per_cell.shape[0], -1), axis=1)
+    return _valid_mean(per_example, batch["valid"].astype(jnp.float32)), state, {}
 
 
 def make(name: str, **fields) -> Term:

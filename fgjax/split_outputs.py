@@ -10,14 +10,15 @@ network, the device mesh and the input settings. It computes
                                     image, checked to be each image exactly once;
   train_batches(start_step)         the training stream from `start_step` (resumable).
 
-Head-only runs (config.train.cache_features) never change the backbone, so its outputs
-that the head reads (`Network.reads`) are computed once per split from the initial
-backbone variables, optionally kept on disk (fgjax.feature_cache), and everything
-above then runs only the head: the same numbers, since the frozen backbone's BatchNorm
-uses running statistics in both.
+Head-only runs (config.train.cache_features) never change the trunk (the backbone, and
+for the localized network its box and crop), so the trunk outputs that the head reads
+(`Network.reads`) are computed once per split from the run's initial variables
+(config.init_from included), optionally kept on disk (fgjax.feature_cache), and
+everything above then runs only the head: the same numbers, since the frozen
+backbone's BatchNorm uses running statistics in both.
 """
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +40,18 @@ class SplitOutputs:
     splits: fgjax.data.Splits.
     mesh: the device mesh; batches are split over it.
     config: the run config (input, train, eval, seed, model and data fields).
+    trunk_variables: () -> the variables the cached trunk outputs come from (the run's
+      initial ones); called once, when features are first needed.
+    trunk_stamp: what else identifies those variables in the feature cache key (e.g.
+      the init_from checkpoint).
   """
 
-  def __init__(self, network, splits: data.Splits, mesh, config):
+  def __init__(self, network, splits: data.Splits, mesh, config,
+               trunk_variables: Callable[[], dict[str, Any]],
+               trunk_stamp: Optional[dict[str, Any]] = None):
     self.network, self.splits, self.mesh, self.config = network, splits, mesh, config
+    self._trunk_variables = trunk_variables
+    self._trunk_stamp = trunk_stamp or {}
     self.cache_features = bool(config.train.cache_features)
     self.steps_per_epoch = data.steps_per_epoch(splits.train, config.train.batch_size)
     self._features: dict[str, dict[str, np.ndarray]] = {}
@@ -85,7 +94,8 @@ class SplitOutputs:
       # that rows line up on every host of a multi-host run.
       g = parallel.global_batch(batch, self.mesh)
       out = parallel.to_host(forward(variables, g["image"]))
-      meta = {k: parallel.gather(g[k]) for k in ("label", "index", "valid")}
+      meta = {k: parallel.gather(g[k]) for k in ("label", "index", "valid", "true_box")
+              if k in g}
       valid = meta.pop("valid").astype(bool)
       for k, v in {**out, **meta}.items():
         chunks.setdefault(k, []).append(np.asarray(v)[valid])
@@ -95,24 +105,35 @@ class SplitOutputs:
     order = np.argsort(out["index"], kind="stable")
     return {k: v[order] for k, v in out.items()}
 
+  def images(self, split: str, count: int) -> dict[str, np.ndarray]:
+    """The first `count` examples of `split` as the network sees them in evaluation:
+    'image' (normalised NHWC), 'label', and 'true_box' where the source has boxes."""
+    out: dict[str, list] = {}
+    for batch in self._iterator(self.source(split), train=False):
+      keep = batch["valid"].astype(bool)
+      for k, v in batch.items():
+        out.setdefault(k, []).append(np.asarray(v)[keep])
+      if sum(len(v) for v in out["label"]) >= count:
+        break
+    return {k: np.concatenate(v)[:count] for k, v in out.items() if k != "valid"}
+
   def backbone_features(self, split: str) -> dict[str, np.ndarray]:
-    """The cached backbone outputs `network.reads` of a split, with 'label', 'index'."""
+    """The cached trunk outputs `network.reads` of a split, with 'label', 'index'."""
     if split not in self._features:
-      spec = self.network.spec
-      backbone_vars = {"params": spec.variables["params"]}
-      if spec.variables.get("batch_stats"):
-        backbone_vars["batch_stats"] = spec.variables["batch_stats"]
       keys = tuple(self.network.reads)
-      repl = parallel.replicated(self.mesh)
+      module = self.network.module
       forward = xla_cpu.jit(
-          lambda v, x: {k: spec.module.apply(v, x, train=False)[k] for k in keys},
-          out_shardings=repl)
+          lambda v, x: {k: module.apply(v, x, train=False, method="trunk")[k]
+                        for k in keys},
+          out_shardings=parallel.replicated(self.mesh))
       source = self.source(split)
-      key = feature_cache.fingerprint(self.config, split, source, keys,
-                                      self.config.model.get("weights_path") or None)
+      key = feature_cache.fingerprint(
+          self.config, split, source, keys,
+          {**self.network.trunk_config, **self._trunk_stamp,
+           "weights": feature_cache.file_stamp(self.config.model.get("weights_path"))})
       self._features[split] = feature_cache.load_or_compute(
           self.config.train.get("feature_cache_dir", ""), key,
-          lambda: self._image_outputs(forward, backbone_vars, split), keys,
+          lambda: self._image_outputs(forward, self._trunk_variables(), split), keys,
           write=jax.process_index() == 0)
     return self._features[split]
 
@@ -122,11 +143,16 @@ class SplitOutputs:
       if self.has(split):
         self.backbone_features(split)
 
-  def outputs(self, variables, split: str,
-              keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Outputs `keys` (+ 'label', 'index') of every example of `split`, index order."""
+  def outputs(self, variables, split: str, keys: Sequence[str],
+              from_images: bool = False) -> dict[str, np.ndarray]:
+    """Outputs `keys` (+ 'label', 'index', and 'true_box' for sources with ground-truth
+    boxes when run on images) of every example of `split`, index order.
+
+    from_images: run the whole network on the images even when the trunk is cached
+    (for outputs outside the head, e.g. a localization module's boxes).
+    """
     keys = tuple(keys)
-    if not self.cache_features:
+    if not self.cache_features or from_images:
       return self._image_outputs(self._forward(keys, heads=False), variables, split)
     cached = self.backbone_features(split)
     inputs = {k: jnp.asarray(cached[k]) for k in self.network.reads}

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -39,7 +40,9 @@ from fgjax import schemes
 from fgjax import split_outputs as split_outputs_lib
 from fgjax import train_state as train_state_lib
 from fgjax import update as update_lib
+from fgjax import visualize
 from fgjax import workdir as workdir_lib
+from fgjax.models import localize
 from fgjax.models import nets
 from fgjax.models import xla_cpu
 
@@ -92,16 +95,24 @@ class Run:
                                    self.policy, self.output_shapes,
                                    abstract_params["params"],
                                    schemes.split_names(config.model.frozen))
-    self.outputs = split_outputs_lib.SplitOutputs(self.network, self.splits, self.mesh,
-                                                  config)
+    self._source = None  # The init_from checkpoint, loaded when first needed.
+    self.outputs = split_outputs_lib.SplitOutputs(
+        self.network, self.splits, self.mesh, config, self.initial_variables,
+        {"init_from": init_from.stamp(config.init_from)} if config.get("init_from")
+        else None)
     self.steps_per_epoch = self.outputs.steps_per_epoch
     if self.steps_per_epoch < 1:
       raise ValueError(f"config.train.batch_size={config.train.batch_size} is larger "
                        f"than the training split ({len(self.splits.train)} images).")
     self.total_steps = (int(config.train.num_steps) if config.train.get("num_steps")
                         else int(config.train.num_epochs) * self.steps_per_epoch)
+    frozen_groups = schemes.split_names(config.model.frozen)
+    if config.train.cache_features:
+      # Cached trunk outputs stand for the trunk's params: they must not move (weight
+      # decay alone would drift them, and the artifact would no longer match).
+      frozen_groups += tuple(g for g in self.network.trunk_groups if g != "backbone")
     self.frozen = optim.frozen_paths(config.model.trainable, self.network.spec.blocks,
-                                     schemes.split_names(config.model.frozen))
+                                     frozen_groups)
     self.forward = update_lib.forward_mode(config.model.trainable,
                                            bool(config.train.cache_features))
     abstract_imps, self._abstract_policy_state = self.policy.abstract(
@@ -117,6 +128,26 @@ class Run:
   def _loss_state(self):
     return self.objective.init_state(self.num_classes, self.output_shapes)
 
+  def _init_from(self) -> Optional[dict[str, Any]]:
+    if self.config.get("init_from") and self._source is None:
+      self._source = init_from.load(self.config.init_from)
+    return self._source
+
+  def initial_variables(self) -> dict[str, Any]:
+    """Protocol step 1: the network's variables before training (config.init_from's
+    network where one is given)."""
+    config = self.config
+    variables = self.network.init(config.seed, config.input.image_size)
+    source = self._init_from()
+    if source is None:
+      return variables
+    net = source["params"]["net"]
+    merged = {"params": init_from.merge(variables["params"], net, "params")}
+    if "batch_stats" in variables:
+      merged["batch_stats"] = init_from.merge(
+          variables["batch_stats"], source.get("batch_stats", {}), "batch_stats")
+    return self.network.module.complete(merged, loaded=set(net))
+
   def initial_state(self) -> train_state_lib.TrainState:
     """Protocol steps 1-3: initial network, impostors from its embeddings, rescale.
 
@@ -124,21 +155,13 @@ class Run:
     (fgjax.init_from).
     """
     config = self.config
-    variables = self.network.init(config.seed, config.input.image_size)
+    variables = self.initial_variables()
     loss_state = self._loss_state()
-    source, parts = None, ()
-    if config.get("init_from"):
-      parts = init_from.parse_parts(config.init_from_parts)
-      source = init_from.load(config.init_from)
-      merged = {"params": init_from.merge(variables["params"], source["params"]["net"],
-                                          "params")}
-      if "batch_stats" in variables:
-        merged["batch_stats"] = init_from.merge(
-            variables["batch_stats"], source.get("batch_stats", {}), "batch_stats")
-      variables = merged
-      if "loss_state" in parts:
-        loss_state = init_from.merge(loss_state, source.get("loss_state", {}),
-                                     "loss_state")
+    source = self._init_from()
+    parts = init_from.parse_parts(config.init_from_parts) if source else ()
+    if "loss_state" in parts:
+      loss_state = init_from.merge(loss_state, source.get("loss_state", {}),
+                                   "loss_state")
     params = variables["params"]
     if "impostors" in parts and self.policy.uses_impostors:
       imps, policy_state = self._source_impostors(source)
@@ -274,9 +297,37 @@ def _evaluate(run: Run, state, workdir: str) -> tuple[dict[str, Any], tuple]:
         sigma=results["sigma"], num_classes=run.num_classes,
         workdir=workdir if jax.process_index() == 0 else None,
         title=run.resolved.scheme)
+  if run.config.eval.localization and run.outputs.has("test"):
+    results["localization"] = _localization(run, variables, workdir)
   results["num_classes"] = run.num_classes
   results["num_impostors"] = None if imps is None else int(imps.centers.shape[0])
   return results, quantized
+
+
+def _localization(run: Run, variables, workdir: str) -> dict[str, Any]:
+  """ELoPE Table 4 on the test split, and a picture of the first 16 test images."""
+  keys = tuple(k for k in ("box", "heatmap", "heatmap_target", "mean_map")
+               if k in run.output_shapes)
+  out = run.outputs.outputs(variables, "test", keys, from_images=True)
+  tau = float(run.config.model.localizer_tau)
+  report = evaluate_run.localization(out, tau=tau)
+  if jax.process_index() != 0:
+    return report
+  sample = run.outputs.images("test", 16)
+  n = len(sample["label"])
+  heat = out["heatmap"] if "heatmap" in out else out["mean_map"]
+  boxes = out["box"] if "box" in out else np.asarray(
+      localize.heatmap_boxes(jnp.asarray(heat[:n]), tau))
+  try:
+    report["picture"] = visualize.heatmap_grid(
+        os.path.join(workdir, "localization.png"),
+        visualize.to_uint8(sample["image"], run.network.spec.mean,
+                           run.network.spec.std),
+        heat[:n], boxes[:n], sample.get("true_box"),
+        [run.splits.class_names[c] for c in sample["label"]])
+  except ImportError as e:  # The numbers stay; only the picture needs matplotlib.
+    report["picture"] = f"not drawn: {e}"
+  return report
 
 
 def _git_commit() -> Optional[str]:

@@ -2,6 +2,7 @@
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -24,7 +25,8 @@ def test_split_outputs_from_features_equal_full_forward(tmp_path, pooling):
   run = train.Run(head_config(**{"model.pooling": pooling}))
   assert run.network.reads == (("pooled",) if pooling == "avg" else ("map",))
   variables = run.initial_state().variables()
-  full = split_outputs.SplitOutputs(run.network, run.splits, run.mesh, small_config())
+  full = split_outputs.SplitOutputs(run.network, run.splits, run.mesh, small_config(),
+                                    run.initial_variables)
   assert not full.cache_features
   for split in ("train", "val", "test"):
     heads_only = run.outputs.outputs(variables, split, ("embedding",))
@@ -57,19 +59,24 @@ def test_fingerprint_separates_what_changes_features(tmp_path):
   config = head_config()
   splits = train.Run(config).splits
   out = ("pooled",)
-  key = feature_cache.fingerprint(config, "val", splits.val, out, None)
-  assert key == feature_cache.fingerprint(head_config(), "val", splits.val, out, None)
-  assert key != feature_cache.fingerprint(config, "test", splits.test, out, None)
-  assert key != feature_cache.fingerprint(config, "val", splits.val, ("map",), None)
+  trunk = {"backbone": "small_cnn", "pretrained": False}
+  key = feature_cache.fingerprint(config, "val", splits.val, out, trunk)
+  assert key == feature_cache.fingerprint(head_config(), "val", splits.val, out, trunk)
+  assert key != feature_cache.fingerprint(config, "test", splits.test, out, trunk)
+  assert key != feature_cache.fingerprint(config, "val", splits.val, ("map",), trunk)
+  assert key != feature_cache.fingerprint(config, "val", splits.val, out,
+                                          {**trunk, "init_from": ["/w", 6, 1]})
   other = head_config()
   other.data.seed = 1  # another stratified split of the digits
-  assert key != feature_cache.fingerprint(other, "val", splits.val, out, None)
+  assert key != feature_cache.fingerprint(other, "val", splits.val, out, trunk)
   bigger = head_config()
   bigger.input.resize_size = 10
-  assert key != feature_cache.fingerprint(bigger, "val", splits.val, out, None)
+  assert key != feature_cache.fingerprint(bigger, "val", splits.val, out, trunk)
   weights = tmp_path / "w.pth"
   weights.write_bytes(b"x")
-  assert key != feature_cache.fingerprint(config, "val", splits.val, out, str(weights))
+  assert key != feature_cache.fingerprint(
+      config, "val", splits.val, out,
+      {**trunk, "weights": feature_cache.file_stamp(str(weights))})
 
 
 def test_unreadable_cache_file_names_it(tmp_path):
@@ -99,3 +106,29 @@ def test_cache_dir_without_cached_features_is_a_config_error(tmp_path):
   config = small_config("fixed", steps=2, **{"train.feature_cache_dir": str(tmp_path)})
   with pytest.raises(ValueError, match="config.train.feature_cache_dir"):
     train.Run(config)
+
+
+def test_init_from_head_only_caches_the_loaded_backbone(tmp_path):
+  # Stage 1 trains the whole network; a head-only stage 2 from it must cache features
+  # of the trained backbone, not of the registry's initial one.
+  stage1 = small_config("ce", steps=4)
+  train.train_and_evaluate(stage1, str(tmp_path / "s1"))
+  stage2 = head_config(str(tmp_path / "cache"), "ce", steps=2,
+                       **{"init_from": str(tmp_path / "s1")})
+  run = train.Run(stage2)
+  cached = run.outputs.backbone_features("val")["pooled"]
+  variables = run.initial_variables()
+  direct = run.network.module.apply(
+      variables, jnp.asarray(_val_images(run)), train=False)["pooled"]
+  np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+  fresh = train.Run(head_config(str(tmp_path / "cache"), "ce", steps=2))
+  assert np.abs(fresh.outputs.backbone_features("val")["pooled"] - cached).max() > 1e-3
+
+
+def _val_images(run):
+  from fgjax.data import transforms  # pylint: disable=g-import-not-at-top
+  val = run.splits.val
+  spec = run.network.spec
+  images = np.stack([transforms.eval_transform(val[i]["image"], image_size=8,
+                                               resize_size=8) for i in range(len(val))])
+  return transforms.normalize(images, spec.mean, spec.std)

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import common
 from fgjax import export
 from fgjax import models
 from fgjax.export import onnx as onnx_export
@@ -48,9 +49,10 @@ def _perturbed(variables, seed=0):
 
 
 def _network(net, pool, backbone="small_cnn", pretrained=False, k=2):
-  cfg = ml_collections.ConfigDict(dict(
-      backbone=backbone, pretrained=pretrained, weights_path="", net=net, pooling=pool,
-      pooling_k=k, embed_dim=16))
+  cfg = common.get_config().model
+  cfg.update(dict(backbone=backbone, pretrained=pretrained, net=net, pooling=pool,
+                  pooling_k=k, embed_dim=16, localizer_stop="stem", localizer_size=8,
+                  localizer_map_size=4))
   return nets.build(cfg, num_classes=5)
 
 

@@ -2,24 +2,25 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import common
 from fgjax.models import nets
 from fgjax.models import pooling
 
 
 def model_config(**overrides):
-  c = ml_collections.ConfigDict(dict(
-      backbone="small_cnn", pretrained=False, weights_path="", net="impostor",
-      pooling="avg", pooling_k=2, embed_dim=16, trainable="all"))
+  c = common.get_config().model
+  c.update(dict(backbone="small_cnn", pretrained=False, net="impostor", pooling="avg",
+                pooling_k=2, embed_dim=16, localizer_size=8, localizer_map_size=4))
   c.update(overrides)
   return c
 
 
 def test_registered_names():
-  assert nets.names() == ("convnet", "convnet_extra", "elope", "impostor")
+  assert nets.names() == ("convnet", "convnet_extra", "elope", "elope_localized",
+                          "impostor")
 
 
 @pytest.mark.parametrize("net", nets.names())
@@ -29,7 +30,9 @@ def test_outputs_and_head_path(net, pool):
   variables = network.init(seed=3, image_size=8)
   x = jax.random.normal(jax.random.key(0), (5, 8, 8, 3))
   out = network.module.apply(variables, x, train=False)
-  backbone_keys = set(network.spec.outputs)
+  backbone_keys = set(network.spec.outputs) | {"mean_map"}
+  if net == "elope_localized":  # fgjax.models.localized: the module's outputs too
+    backbone_keys |= {"heatmap", "box", "heatmap_target"}
   head_keys = {"features", "embedding"} | ({"logits"} if network.has_logits else set())
   assert set(out) == backbone_keys | head_keys
   assert out["features"].shape == (5, 128)  # SmallCNN's map has 128 channels
@@ -46,6 +49,9 @@ def test_outputs_and_head_path(net, pool):
   shapes = network.output_shapes(8)
   assert {k: v.shape[1:] for k, v in shapes.items()} == {
       k: v.shape[1:] for k, v in out.items()}
+  # ELoPE's heat map of the classifier: the channel mean of the map.
+  np.testing.assert_allclose(out["mean_map"], np.asarray(out["map"]).mean(-1), rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_pooling_is_the_configured_one():

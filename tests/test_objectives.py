@@ -29,7 +29,7 @@ def _setup(seed=0, b=6, e=4, c=3, m=6):
 
 
 def test_registered_terms():
-  assert objectives.names() == ("attachment", "ce", "center", "elope", "nca")
+  assert objectives.names() == ("attachment", "ce", "center", "elope", "heatmap", "nca")
 
 
 def test_weighted_sum_matches_numpy_and_ignores_padding():
@@ -80,6 +80,19 @@ def test_class_mean_terms_repeated_labels_accumulate(name):
   # Every row of a class moves its mean (a sum of updates, not the last row's).
   np.testing.assert_allclose(new_state[name], want_means, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics[f"{name}_loss"], want, rtol=1e-5)
+
+
+def test_heatmap_is_smooth_l1_over_cells():
+  pred = jnp.asarray([[[0.0, 2.0], [0.5, -0.2]], [[1.0, 1.0], [1.0, 1.0]]])
+  target = jnp.zeros((2, 2, 2))
+  term = objectives.make("heatmap", weight=1.0, input="heatmap", target="heatmap_target")
+  loss, _, _ = term({"heatmap": pred, "heatmap_target": target}, _batch([0, 1], [1, 0]),
+                    None, None)
+  # Row 0 (row 1 is padding): cells 0, |2| - 0.5, 0.5 * 0.25, 0.5 * 0.04.
+  np.testing.assert_allclose(loss, (0.0 + 1.5 + 0.125 + 0.02) / 4, rtol=1e-6)
+  with pytest.raises(ValueError, match="localizer_map_size"):
+    term({"heatmap": pred, "heatmap_target": jnp.zeros((2, 3, 3))}, _batch([0, 1]),
+         None, None)
 
 
 def test_describe_and_errors():

@@ -63,6 +63,9 @@ class _BatchLoader:
     self.image_size = image_size
     self.resize_size = resize_size
     self.flip = flip
+    # Evaluation batches carry ground-truth boxes (eval-transform coordinates) for
+    # sources whose records have them (TFDS data sets with boxes).
+    self.has_boxes = not train and bool(getattr(source, "has_boxes", False))
     self.n = len(source)
     self.steps_per_epoch = self.n // batch_size if train else 0
     self._perm_epoch = -1
@@ -87,7 +90,7 @@ class _BatchLoader:
       pos = np.arange(step * self.batch_size + lo, step * self.batch_size + hi)
       valid = pos < self.n
       rows = np.minimum(pos, self.n - 1)
-    images, labels, indices = [], [], []
+    images, labels, indices, boxes = [], [], [], []
     for r, example in enumerate(rows):
       rec = self.source[int(example)]
       if not rec.get("valid", True):
@@ -100,15 +103,21 @@ class _BatchLoader:
       else:
         img = transforms.eval_transform(rec["image"], image_size=self.image_size,
                                         resize_size=self.resize_size)
+        if self.has_boxes:
+          boxes.append(transforms.eval_box(rec["box"], image_size=self.image_size,
+                                           resize_size=self.resize_size))
       images.append(img)
       labels.append(rec["label"])
       indices.append(rec["index"])
-    return {
+    batch = {
         "image": np.stack(images),  # uint8: 4x less to ship from worker processes.
         "label": np.asarray(labels, np.int32),
         "index": np.asarray(indices, np.int32),
         "valid": valid,
     }
+    if boxes:
+      batch["true_box"] = np.stack(boxes)
+    return batch
 
 
 def make_iterator(source: Any, *, batch_size: int, train: bool, seed: int,
@@ -137,7 +146,8 @@ def make_iterator(source: Any, *, batch_size: int, train: bool, seed: int,
     prefetch: batches buffered per worker.
   Yields:
     dict(image=float32 (B/P, S, S, 3), label=int32 (B/P,), index=int32 (B/P,),
-         valid=bool (B/P,)).
+         valid=bool (B/P,)), and for evaluation of a source with `has_boxes`,
+    true_box=float32 (B/P, 4): the object's box in the eval-transformed image.
   Raises:
     ValueError on bad arguments, before any image is decoded.
   """

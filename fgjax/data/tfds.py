@@ -71,7 +71,10 @@ def read_labels(data_source: Any, positions: Optional[Sequence[int]] = None) -> 
 class TfdsSource:
   """Records from a TFDS data source, restricted to `positions` (default: all).
 
-  Record: {'image': uint8 (H, W, 3), 'label': int, 'index': position in this split}.
+  Record: {'image': uint8 (H, W, 3), 'label': int, 'index': position in this split},
+  and, for data sets with boxes read without bbox_crop, 'box': the object's normalised
+  (ymin, xmin, ymax, xmax) (the union of all boxes where a record has several), for
+  localization accuracy. `has_boxes` says whether records carry it.
   `labels` (given, e.g. re-indexed by a class selection, or read from the records on
   first use) is the record's label.
   """
@@ -83,6 +86,7 @@ class TfdsSource:
     self.positions = (np.arange(len(data_source)) if positions is None
                       else np.asarray(positions, np.int64))
     self.bbox_crop = bbox_crop
+    self.has_boxes = not bbox_crop and _box_feature(data_source) is not None
     self.name = name
     self.bad_files: list[str] = []
     self.read_failures: list[str] = []
@@ -106,20 +110,42 @@ class TfdsSource:
       raise IndexError(f"index {i} out of range for {self.name} of size {len(self)}.")
     ex = self.data_source[int(self.positions[i])]
     image = transforms.as_rgb_array(ex["image"])
+    box = _record_box(ex)
+    label = int(ex["label"]) if self._labels is None else int(self._labels[i])
     if self.bbox_crop:
-      if "bbox" in ex:
-        box = np.asarray(ex["bbox"]).reshape(-1)[:4]
-      elif "objects" in ex and "bbox" in ex["objects"]:
-        box = transforms.union_bbox(ex["objects"]["bbox"])
-      else:
+      if box is None:
         raise ValueError(f"config.data.bbox_crop=True but {self.name} records have no "
                          "'bbox' feature; set --config.data.bbox_crop=False.")
-      image = transforms.crop_box(image, box)
-    label = int(ex["label"]) if self._labels is None else int(self._labels[i])
-    return {"image": image, "label": label, "index": i}
+      return {"image": transforms.crop_box(image, box), "label": label, "index": i}
+    rec = {"image": image, "label": label, "index": i}
+    if self.has_boxes:
+      rec["box"] = box
+    return rec
 
   def __repr__(self) -> str:
     return f"TfdsSource(name={self.name!r}, len={len(self)})"
+
+
+def _record_box(ex: Any) -> Optional[np.ndarray]:
+  """A record's normalised box: 'bbox', or the union of 'objects/bbox'; else None."""
+  if "bbox" in ex:
+    return np.asarray(ex["bbox"], np.float64).reshape(-1)[:4]
+  if "objects" in ex and "bbox" in ex["objects"]:
+    return transforms.union_bbox(ex["objects"]["bbox"])
+  return None
+
+
+def _box_feature(data_source: Any) -> Optional[str]:
+  """'bbox' or 'objects' when the data set's features hold boxes, else None."""
+  try:
+    features = data_source.dataset_info.features
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if "bbox" in features:
+    return "bbox"
+  if "objects" in features and "bbox" in getattr(features["objects"], "keys", list)():
+    return "objects"
+  return None
 
 
 def _open(name: str, split: str, data_dir: str) -> Any:

@@ -189,6 +189,16 @@ def eval_transform(image: np.ndarray, *, image_size: int, resize_size: int) -> n
   return center_crop(resize(image, resize_size), image_size)
 
 
+def eval_box(box: Any, *, image_size: int, resize_size: int) -> np.ndarray:
+  """A normalised box (ymin, xmin, ymax, xmax) of the original image, in the
+  coordinates of `eval_transform`'s output (square resize, then centre crop), clipped
+  to [0, 1]. The square resize keeps normalised coordinates; the crop shifts and scales
+  them by resize_size / image_size about the centre."""
+  top = (resize_size - image_size) // 2
+  b = np.asarray(box, np.float64).reshape(4) * resize_size - top
+  return np.clip(b / image_size, 0.0, 1.0).astype(np.float32)
+
+
 def normalize(images: np.ndarray, mean: Any, std: Any) -> np.ndarray:
   """(pixels - mean) / std in 0..255 pixel units, float32, per channel.
 

@@ -25,6 +25,7 @@ Both engines compile for a fixed batch size and run inputs in chunks of it, the 
 one zero-padded, so any N works without recompiling.
 """
 
+import dataclasses
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -78,8 +79,10 @@ def fold(module: nn.Module, variables: dict[str, Any], bn_epsilon: Optional[floa
   if _is_backbone(module):
     module = module.clone(fold_bn=True, conv_impl=conv_impl)
   elif _is_backbone(getattr(module, "backbone", None)):
-    module = module.clone(backbone=module.backbone.clone(fold_bn=True,
-                                                         conv_impl=conv_impl))
+    parts = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+             if f.name not in ("parent", "name") and _is_backbone(getattr(module, f.name))}
+    module = module.clone(**{k: m.clone(fold_bn=True, conv_impl=conv_impl)
+                             for k, m in parts.items()})
   else:
     raise TypeError(f"{type(module).__name__} is neither a fgjax.models backbone (with "
                     "fold_bn / conv_impl attributes) nor a network with one as "

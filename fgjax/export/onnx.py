@@ -251,6 +251,13 @@ class _Translator:
                else self.const(np.transpose(a, perm)) for a in args]
       return _Val(self.node("Concat", names, axis=perm.index(p["dimension"])), perm,
                   out.shape, out.dtype)
+    if prim == "stack":  # jnp.stack: each operand gains the new axis, then Concat.
+      axis = p["axis"] % len(out.shape)
+      ident = list(range(len(out.shape) - 1))
+      names = [self.node("Unsqueeze", [self.as_perm(self.value(a), ident),
+                                       self.const([axis], np.int64)]) for a in args]
+      return _Val(self.node("Concat", names, axis=axis), list(range(len(out.shape))),
+                  out.shape, out.dtype)
     if prim == "slice":
       v = self.value(args[0])
       strides = p["strides"] or (1,) * len(v.shape)

@@ -8,6 +8,9 @@ Backbones (`registry`) return {'stem', 'stage1'..'stageK', 'map', 'pooled'}; net
 outputs dict.
 """
 
+# Networks register by importing their modules.
+from fgjax.models import localized  # noqa: F401  pylint: disable=unused-import
+from fgjax.models import nets  # noqa: F401  pylint: disable=unused-import
 from fgjax.models.registry import get
 from fgjax.models.registry import host_init
 from fgjax.models.registry import ModelSpec

@@ -45,8 +45,9 @@ def heatmap_boxes(heatmap: jax.Array, tau: float) -> jax.Array:
   lo = jnp.min(heatmap, axis=(1, 2), keepdims=True)
   span = jnp.max(heatmap, axis=(1, 2), keepdims=True) - lo
   norm = jnp.where(span > 0, (heatmap - lo) / jnp.where(span > 0, span, 1.0), 0.0)
-  on = norm > tau
-  row_on, col_on = jnp.any(on, axis=2), jnp.any(on, axis=1)     # (N, I), (N, J)
+  # max of a 0/1 mask rather than jnp.any: ONNX has ReduceMax but no reduce_or.
+  on = (norm > tau).astype(jnp.float32)
+  row_on, col_on = jnp.max(on, axis=2) > 0, jnp.max(on, axis=1) > 0  # (N, I), (N, J)
 
   def extent(mask, size):
     idx = jnp.arange(size)
@@ -57,7 +58,7 @@ def heatmap_boxes(heatmap: jax.Array, tau: float) -> jax.Array:
   y0, y1 = extent(row_on, rows)
   x0, x1 = extent(col_on, cols)
   boxes = jnp.stack([y0, x0, y1, x1], axis=1).astype(jnp.float32)
-  empty = ~jnp.any(row_on, axis=1)
+  empty = jnp.max(row_on.astype(jnp.float32), axis=1) == 0
   return jnp.where(empty[:, None], jnp.asarray([0.0, 0.0, 1.0, 1.0]), boxes)
 
 

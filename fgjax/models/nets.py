@@ -7,14 +7,17 @@ and the CPU engines all rebuild a network through it. A network module is called
 
 and returns every backbone output (fgjax.models.segments: 'stem', 'stage1'..,
 'map', 'pooled') plus its own:
+  'mean_map'   (N, I, J) the channel mean of 'map', ELoPE's heat map of the object,
   'features'   (N, F)  the pooling's result (`config.model.pooling`),
   'embedding'  (N, E)  what the RBF rule and the embedding losses read,
   'logits'     (N, C)  softmax classifier (networks with `has_logits`).
 Under jax.jit, outputs nobody reads are never computed.
 
-`net.apply(variables, backbone_outputs, method='head')` runs only the layers after the
-backbone, from a dict holding the backbone outputs in `Network.reads`: head-only
-training runs it on cached features.
+`net.apply(variables, x, method='trunk')` runs everything before the head (the
+backbone; for the localized network also the box and crop) and
+`net.apply(variables, trunk_outputs, method='head')` only the layers after it, from a
+dict holding the trunk outputs in `Network.reads`: head-only training runs the trunk
+once per image and the head on its cached outputs.
 
 Registered networks (impostor paper, section 4, "Compared approaches"; protocol step 1
 replaces the backbone's last fully-connected layer):
@@ -28,7 +31,7 @@ A new network is one `@register`ed module class plus its test.
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -58,17 +61,47 @@ class PooledNet(nn.Module):
   embed_dim: Optional[int] = None
 
   # Class-level facts about the network, read by the factory and the impostor policies.
-  has_logits = False
-  embedding_layer: Optional[str] = None   # the Dense that protocol step 3 rescales
+  has_logits: ClassVar[bool] = False
+  # The Dense that protocol step 3 rescales.
+  embedding_layer: ClassVar[Optional[str]] = None
+  # Trunk methods that own params besides the backbone (Network.init runs them once).
+  trunk_init_methods: ClassVar[tuple[str, ...]] = ()
+  # The parameter groups the trunk uses: frozen when its outputs are cached.
+  trunk_groups: ClassVar[tuple[str, ...]] = ("backbone",)
+
+  @classmethod
+  def create(cls, spec, pool: nn.Module, model_config: Any, num_classes: int):
+    """The module for `model_config`; subclasses with more attributes read them here."""
+    return cls(backbone=spec.module, pool=pool, num_classes=int(num_classes),
+               embed_dim=int(model_config.embed_dim) if cls.embedding_layer else None)
+
+  @staticmethod
+  def trunk_config(model_config: Any) -> dict[str, Any]:
+    """The config fields that decide `trunk`'s outputs (they key the feature cache)."""
+    return {"backbone": model_config.backbone,
+            "pretrained": bool(model_config.pretrained)}
+
+  @staticmethod
+  def complete(variables: dict[str, Any], loaded: set[str]) -> dict[str, Any]:
+    """Variables with parameter groups derived from others filled in; `loaded` names
+    the groups that came from elsewhere (config.init_from). Nothing to derive here."""
+    del loaded
+    return variables
 
   def __call__(self, x: jax.Array, train: bool = False,
                backbone_train: Optional[bool] = None) -> dict[str, jax.Array]:
     """`backbone_train` keeps a frozen backbone's BatchNorm on running statistics while
     the heads train; it defaults to `train`."""
-    out = dict(self.backbone(x, train=train if backbone_train is None
-                             else backbone_train))
+    out = dict(self.trunk(x, train=train if backbone_train is None else backbone_train))
     out.update(self.head(out, train=train))
+    # ELoPE section 5 / Fig. 2: the channel mean of the last conv map is a heat map of
+    # the object (computed only where read, e.g. by the localization evaluation).
+    out["mean_map"] = jnp.mean(out["map"], axis=-1)
     return out
+
+  def trunk(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """Everything before the head: here the backbone's outputs."""
+    return self.backbone(x, train=train)
 
   def head(self, backbone_outputs: dict[str, jax.Array],
            train: bool = False) -> dict[str, jax.Array]:
@@ -151,6 +184,8 @@ class Network:
     reads: backbone outputs the head reads (what a head-only run caches).
     has_logits: whether outputs hold 'logits'.
     embedding_layer: name of the Dense that protocol step 3 rescales, or None.
+    trunk_config: the config fields that decide the trunk's outputs.
+    trunk_groups: the parameter groups the trunk uses.
   """
   name: str
   module: nn.Module
@@ -158,6 +193,8 @@ class Network:
   reads: tuple[str, ...]
   has_logits: bool
   embedding_layer: Optional[str]
+  trunk_config: dict[str, Any]
+  trunk_groups: tuple[str, ...]
 
   def init(self, seed: int, image_size: int) -> dict[str, Any]:
     """{'params', 'batch_stats'}: the backbone's variables plus freshly drawn heads.
@@ -171,8 +208,14 @@ class Network:
         lambda v, x: self.spec.module.apply(v, x, train=False), self.spec.variables,
         dummy)
     feats = {k: jnp.zeros(shapes[k].shape, shapes[k].dtype) for k in self.reads}
-    heads = jax.jit(lambda r: self.module.init(r, feats, method="head"))(
-        jax.random.key(seed))
+    heads = dict(jax.jit(lambda r: self.module.init(r, feats, method="head"))(
+        jax.random.key(seed)))
+    # Layers of the trunk besides the backbone (a localization module) init on images.
+    for method in self.module.trunk_init_methods:
+      image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+      extra = jax.jit(lambda r: self.module.init(r, image, method=method))(
+          jax.random.key(seed))
+      heads = {c: {**heads.get(c, {}), **extra.get(c, {})} for c in {*heads, *extra}}
     params = {**heads["params"], "backbone": self.spec.variables["params"]}
     out = {"params": params}
     stats = dict(heads.get("batch_stats", {}))
@@ -180,7 +223,7 @@ class Network:
       stats["backbone"] = self.spec.variables["batch_stats"]
     if stats:
       out["batch_stats"] = stats
-    return out
+    return self.module.complete(out, loaded=set())
 
   def output_shapes(self, image_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of every output for one image of `image_size`, without computing any."""
@@ -220,8 +263,9 @@ def build(model_config: Any, num_classes: int, *, pretrained: Optional[bool] = N
   spec = registry.get(model_config.backbone, pretrained=bool(use_weights),
                       weights_path=(model_config.get("weights_path") or None)
                       if use_weights else None)
-  module = cls(backbone=spec.module, pool=pool, num_classes=int(num_classes),
-               embed_dim=int(model_config.embed_dim) if cls.embedding_layer else None)
-  return Network(name=name, module=module, spec=spec, reads=(pool.reads,),
-                 has_logits=cls.has_logits, embedding_layer=cls.embedding_layer)
+  return Network(name=name, module=cls.create(spec, pool, model_config, num_classes),
+                 spec=spec, reads=(pool.reads,), has_logits=cls.has_logits,
+                 embedding_layer=cls.embedding_layer,
+                 trunk_config=cls.trunk_config(model_config),
+                 trunk_groups=cls.trunk_groups)
 

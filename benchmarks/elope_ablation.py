@@ -1,0 +1,161 @@
+"""ELoPE's ablation (Table 5) on a folder data set, EfficientNet-Lite0, head-only depth.
+
+  python benchmarks/elope_ablation.py --dataset=cars196 --workdir=/work/runs/elope \
+      [--epochs=30 --lrs=3e-4,1e-3,3e-3 --module_epochs=5 --rows=gap,gmp,...]
+
+Rows, each a `train_and_evaluate` run (results.json in its workdir; a finished run is
+not repeated, so the sweep resumes after a kill), learning rate chosen on val among
+--lrs, test reported for that choice only:
+  gap, gmp, gkmp     pooling avg / max / kmax (K = 4), net 'elope' (FC 512 + classifier,
+                     like the paper's baselines), cross-entropy only
+  gkmp_lw            + L_w (ELoPE eq. 9): the 'elope' term with gamma = 0
+  gkmp_le            + L_e = L_w + L_b (eq. 5-10), lambda 2 (Table 2)
+  localization       + the localization module: trained on the best gkmp_le run
+                     (--module_epochs, images, classifier frozen), then the head again on
+                     the crops its boxes give (features cached once per split)
+  weighted           + weighted k-max pooling (eq. 4): --weighted_epochs more on top of
+                     the localization run (init_from)
+  fixed_gkmp_le, loose_gkmp_le
+                     k-max + L_e under the impostor rule (net 'impostor', RBF rule)
+The backbone stays frozen at its ImageNet weights in every row (CPU budget), so every
+row trains its head for --epochs on cached features: the same budget. Prints a Markdown
+table and writes summary_<dataset>.json as rows finish.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import common  # noqa: E402
+
+ROWS = ("gap", "gmp", "gkmp", "gkmp_lw", "gkmp_le", "localization", "weighted",
+        "fixed_gkmp_le", "loose_gkmp_le")
+_DATASET = flags.DEFINE_enum("dataset", "cars196", ["cars196", "birds525"], "Data set.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/elope", "Parent workdir.")
+_EPOCHS = flags.DEFINE_integer("epochs", 30, "Head-training epochs of every row.")
+_MODULE_EPOCHS = flags.DEFINE_integer("module_epochs", 5,
+                                      "Epochs of localization-module training.")
+_WEIGHTED_EPOCHS = flags.DEFINE_integer("weighted_epochs", 10,
+                                        "Weighted k-max fine-tuning epochs.")
+_LRS = flags.DEFINE_list("lrs", ["3e-4", "1e-3", "3e-3"], "Learning rates to choose from.")
+_ROWS = flags.DEFINE_list("rows", list(ROWS), "Rows to run, in order.")
+_CACHE = flags.DEFINE_string("feature_cache_dir", "", "Shared feature cache (default: "
+                             "<workdir>/<dataset>/features).")
+
+
+def base(lr: float):
+  c = common.elope(_DATASET.value, learning_rate=lr)
+  c.train.num_epochs = _EPOCHS.value
+  c.train.feature_cache_dir = _CACHE.value or os.path.join(_WORKDIR.value,
+                                                           _DATASET.value, "features")
+  c.train.checkpoint_every_steps = 1000
+  return c
+
+
+def row_config(row: str, lr: float, done: dict):
+  """The config of `row` at learning rate `lr`; `done` holds the finished rows."""
+  c = base(lr)
+  if row in ("gap", "gmp", "gkmp"):
+    c.model.pooling = {"gap": "avg", "gmp": "max", "gkmp": "kmax"}[row]
+    c.loss.extra_terms = ""
+  elif row == "gkmp_lw":
+    c.loss.elope.gamma = 0.0
+  elif row == "localization":
+    c.model.net = "elope_localized"
+    c.init_from = done["module"]["workdir"]
+  elif row == "weighted":
+    c.model.net = "elope_localized"
+    c.model.pooling = "weighted_kmax"
+    c.train.num_epochs = _WEIGHTED_EPOCHS.value
+    c.init_from = done["localization"]["workdir"]
+    c.init_from_parts = "net,loss_state"
+  elif row in ("fixed_gkmp_le", "loose_gkmp_le"):
+    c.scheme = row.split("_")[0]
+    c.model.net = ""
+  return c
+
+
+def module_config(classifier_workdir: str):
+  """Stage 2 of the localization row: only the module trains, on images."""
+  c = base(float(_LRS.value[1]))
+  c.model.net = "elope_localized"
+  c.loss.terms, c.loss.extra_terms = "heatmap", ""
+  c.model.frozen = "embed,classifier"
+  c.train.cache_features, c.train.feature_cache_dir = False, ""
+  c.train.num_epochs = _MODULE_EPOCHS.value
+  c.train.log_every_steps = 20
+  c.init_from = classifier_workdir
+  c.eval.localization = True
+  return c
+
+
+def _run(config, workdir: str) -> dict:
+  from fgjax import train  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "results.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return train.train_and_evaluate(config, workdir)
+
+
+def _scores(r: dict, split: str) -> dict:
+  head = "rbf" if "rbf" in r["splits"][split] else "softmax"
+  return {"head": head, **r["splits"][split][head]}
+
+
+def main(argv):
+  del argv
+  out_dir = os.path.join(_WORKDIR.value, _DATASET.value)
+  os.makedirs(out_dir, exist_ok=True)
+  summary_path = os.path.join(out_dir, f"summary_{_DATASET.value}.json")
+  done = {}
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      done = json.load(f)
+  for row in _ROWS.value:
+    if row in done:
+      continue
+    if row == "localization" and "module" not in done:
+      wd = os.path.join(out_dir, "module")
+      t0 = time.time()
+      r = _run(module_config(done["gkmp_le"]["workdir"]), wd)
+      done["module"] = {"workdir": wd, "wall_seconds": time.time() - t0,
+                        "localization": r.get("localization"),
+                        "test_top1_on_crops_untrained_head": _scores(r, "test")["top1"]}
+    lrs = [float(x) for x in _LRS.value] if row != "weighted" else [
+        done["localization"]["lr"]]
+    trials = {}
+    for lr in lrs:
+      wd = os.path.join(out_dir, f"{row}_lr{lr:g}")
+      t0 = time.time()
+      r = _run(row_config(row, lr, done), wd)
+      trials[lr] = {"workdir": wd, "val": _scores(r, "val"), "test": _scores(r, "test"),
+                    "wall_seconds": time.time() - t0, "sigma": r.get("sigma")}
+    best = max(sorted(trials), key=lambda lr: trials[lr]["val"]["top1"])
+    done[row] = {"lr": best, **trials[best],
+                 "val_by_lr": {str(k): v["val"]["top1"] for k, v in trials.items()}}
+    tmp = summary_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(done, f, indent=1)
+    os.replace(tmp, summary_path)
+    print(f"{row}: lr {best:g} val {done[row]['val']['top1']:.3f} "
+          f"test {done[row]['test']['top1']:.3f}", flush=True)
+  print(f"\n{_DATASET.value}, EfficientNet-Lite0 head-only, {_EPOCHS.value} epochs, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}")
+  print("| row | classifier | lr (val) | val top-1 | test top-1 | test top-5 |")
+  print("|---|---|---|---|---|---|")
+  for row in ROWS:
+    if row in done:
+      d = done[row]
+      print(f"| {row} | {d['test']['head']} | {d['lr']:g} | {d['val']['top1']:.3f} | "
+            f"{d['test']['top1']:.3f} | {d['test']['top5']:.3f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,71 @@
+"""Pictures people look at: heat maps over images, with predicted and true boxes.
+
+Needs matplotlib (the optional 'plots' extra, in the test extras); callers that must not
+fail for a picture catch ImportError.
+"""
+
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def to_uint8(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """Normalised NHWC images back to 0..255 uint8 pixels: x * std + mean."""
+  pixels = np.asarray(images, np.float32) * np.asarray(std, np.float32) + np.asarray(
+      mean, np.float32)
+  return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def heatmap_grid(path: str, images: np.ndarray, heatmaps: np.ndarray,
+                 boxes: Optional[np.ndarray] = None, truth: Optional[np.ndarray] = None,
+                 titles: Optional[Sequence[str]] = None, columns: int = 4) -> str:
+  """Writes a PNG grid: each image with its min-max normalised heat map overlaid (jet,
+  half transparent), the predicted box (yellow, solid) and the true box (cyan, dashed).
+
+  Args:
+    path: the PNG to write.
+    images: (N, H, W, 3) uint8.
+    heatmaps: (N, I, J), any scale (each is min-max normalised for display).
+    boxes, truth: optional (N, 4) normalised (ymin, xmin, ymax, xmax); rows of NaN in
+      `truth` are images without a known box.
+    titles: optional N captions.
+  Returns:
+    `path`.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import patches  # pylint: disable=g-import-not-at-top
+
+  n = len(images)
+  if n == 0:
+    raise ValueError("heatmap_grid needs at least one image.")
+  cols = min(columns, n)
+  rows = math.ceil(n / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis("off")
+  for k in range(n):
+    ax = axes.ravel()[k]
+    h, w = images[k].shape[:2]
+    heat = np.asarray(heatmaps[k], np.float64)
+    span = heat.max() - heat.min()
+    heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+    ax.imshow(images[k])
+    ax.imshow(heat, cmap="jet", alpha=0.45, extent=(0, w, h, 0), interpolation="bilinear")
+    for box, style in ((None if boxes is None else boxes[k], dict(ec="yellow", ls="-")),
+                       (None if truth is None else truth[k], dict(ec="cyan", ls="--"))):
+      if box is None or not np.all(np.isfinite(box)):
+        continue
+      y0, x0, y1, x1 = np.asarray(box, np.float64) * [h, w, h, w]
+      ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2,
+                                     **style))
+    if titles is not None:
+      ax.set_title(str(titles[k])[:40], fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
