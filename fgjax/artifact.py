@@ -25,6 +25,7 @@ import numpy as np
 from fgjax import impostors as impostors_lib
 from fgjax import quantize
 from fgjax import workdir as workdir_lib
+from fgjax.models import localize
 from fgjax.models import nets
 from fgjax.models import xla_cpu
 
@@ -113,6 +114,7 @@ class Model:
     self.mean = np.asarray(self.meta["mean"], np.float32)
     self.std = np.asarray(self.meta["std"], np.float32)
     self.engine = engine
+    self._explain = None
     keys = ("logits",) if self.impostors is None else ("embedding",)
     module = self.network.module
     if engine == "jit":
@@ -124,6 +126,28 @@ class Model:
       self.forward = export.make_cpu_predictor(
           module, self.variables, batch_size, outputs=keys, engine=engine,
           bn_epsilon=self.network.spec.bn_epsilon, image_size=self.meta["image_size"])
+
+  def explain(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Where the network looks: {'heatmap' (N, I, J), 'box' (N, 4) normalised}.
+
+    The localization module's prediction and box for ELoPE's localized network, else
+    the channel mean of the last conv map (ELoPE section 5) and its box at the
+    config's threshold. Runs with jax.jit whatever the serving engine.
+    """
+    if self._explain is None:
+      module, tau = self.network.module, float(self.meta["model"]["localizer_tau"])
+      outputs = self.network.output_shapes(self.meta["image_size"])
+
+      def looks(v, x):
+        out = module.apply(v, x, train=False)
+        if "heatmap" in outputs:
+          return {"heatmap": out["heatmap"], "box": out["box"]}
+        return {"heatmap": out["mean_map"],
+                "box": localize.heatmap_boxes(out["mean_map"], tau)}
+      jitted = xla_cpu.jit(looks)
+      self._explain = lambda x: jitted(self.variables, x)
+    return {k: np.asarray(v) for k, v in
+            self._explain(np.asarray(images, np.float32)).items()}
 
   def log_probs(self, images: np.ndarray) -> np.ndarray:
     """(N, C) class log-probabilities of normalised NHWC images.

@@ -20,6 +20,7 @@ import numpy as np
 
 from fgjax import artifact
 from fgjax import evaluate
+from fgjax import visualize
 from fgjax.data import IMAGE_EXTENSIONS
 from fgjax.data import transforms
 
@@ -30,6 +31,9 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON document instead of tex
 _REJECT = flags.DEFINE_float("reject_entropy", None,
                              "Predict 'unknown' above this entropy (nats).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per forward pass.")
+_EXPLAIN = flags.DEFINE_string(
+    "explain", None, "Write PNG grids of the images with the network's heat map and box "
+    "(ELoPE's localization) into this directory.")
 _ENGINE = flags.DEFINE_enum(
     "engine", "jit", artifact.ENGINES, "Backbone engine: jit (any device), xla (CPU: "
     "BN folded, fixed batch) or onnx (CPU, onnxruntime; pip install onnx onnxruntime).")
@@ -51,13 +55,31 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
 
 
 def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
-                  reject_entropy: Optional[float] = None,
-                  batch_size: int = 16) -> list[dict[str, Any]]:
+                  reject_entropy: Optional[float] = None, batch_size: int = 16,
+                  explain_dir: Optional[str] = None) -> list[dict[str, Any]]:
   """One result dict per path: {'path', 'top': [(class, prob)], 'entropy', 'unknown'}
-  or {'path', 'error'} for a file that could not be read."""
+  or {'path', 'error'} for a file that could not be read.
+
+  explain_dir: also write, per batch, a PNG grid of the images with the network's heat
+  map and box (ELoPE: the localization module's, else the channel mean of the last
+  conv map) to <explain_dir>/explain_<k>.png, and add 'box' and 'explained' to each
+  result.
+  """
   size, resize = model.meta["image_size"], model.meta["resize_size"]
   results: list[Optional[dict[str, Any]]] = [None] * len(paths)
   pending: list[tuple[int, np.ndarray]] = []
+  pictures = [0]
+
+  def explain(images, batch):
+    looks = model.explain(images)
+    path = os.path.join(explain_dir, f"explain_{pictures[0]:03d}.png")
+    pictures[0] += 1
+    titles = [f"{os.path.basename(paths[i])}: {results[i]['top'][0]['class']}"
+              for i, _ in batch]
+    visualize.heatmap_grid(path, np.stack([im for _, im in batch]), looks["heatmap"],
+                           looks["box"], titles=titles)
+    for (i, _), box in zip(batch, looks["box"]):
+      results[i].update(box=[float(v) for v in box], explained=path)
 
   def flush():
     if not pending:
@@ -76,6 +98,8 @@ def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
           "entropy": entropy,
           "unknown": bool(reject_entropy is not None and entropy > reject_entropy),
       }
+    if explain_dir:
+      explain(images, list(pending))
     pending.clear()
 
   for i, path in enumerate(paths):
@@ -109,7 +133,7 @@ def main(argv):
   path = _ARTIFACT.value or os.path.join(_WORKDIR.value, "artifact")
   model = artifact.Model(path, engine=_ENGINE.value, batch_size=_BATCH.value)
   results = predict_files(model, paths, topk=_TOPK.value, reject_entropy=_REJECT.value,
-                          batch_size=_BATCH.value)
+                          batch_size=_BATCH.value, explain_dir=_EXPLAIN.value)
   if _JSON.value:
     print(json.dumps({"model": path, "results": results}, indent=2))
   else:

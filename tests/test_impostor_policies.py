@@ -1,7 +1,6 @@
 """Impostor policies: protocol steps 2-3, abstract shapes, compression."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

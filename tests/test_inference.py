@@ -6,12 +6,12 @@ import importlib.util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import common
 from fgjax import export
+from fgjax.export import onnx_fusion
 from fgjax import models
 from fgjax.export import onnx as onnx_export
 from fgjax.models import nets
@@ -339,8 +339,8 @@ def test_fuse_leaves_shared_values_alone():
            helper.make_node("Add", ["conv", "b"], ["biased"]),
            helper.make_node("Max", ["zero", "biased"], ["relu"]),
            helper.make_node("Min", ["six", "relu"], ["out"])]
-  fused = onnx_export._fuse(list(nodes), dict(consts), {}, ["out"])
+  fused = onnx_fusion.fuse(list(nodes), dict(consts), {}, ["out"])
   assert [n.op_type for n in fused] == ["Conv", "Clip"]
   assert list(fused[0].input)[:2] == ["x", "w"] and len(fused[0].input) == 3
-  kept = onnx_export._fuse(list(nodes), dict(consts), {}, ["out", "conv", "relu"])
+  kept = onnx_fusion.fuse(list(nodes), dict(consts), {}, ["out", "conv", "relu"])
   assert [n.op_type for n in kept] == ["Conv", "Add", "Relu", "Min"]

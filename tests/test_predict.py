@@ -113,3 +113,31 @@ def test_cli_json(trained, tmp_path):
 def test_not_an_artifact(tmp_path):
   with pytest.raises(FileNotFoundError, match="meta.json"):
     artifact.Model(str(tmp_path))
+
+
+def test_explain_draws_where_the_network_looks(trained, tmp_path):
+  config, workdir, _ = trained
+  test = data.get_splits(config.data).test
+  paths = []
+  for i in range(5):
+    p = tmp_path / f"img{i}.png"
+    Image.fromarray(test[i]["image"]).save(p)
+    paths.append(str(p))
+  model = artifact.Model(str(workdir / "artifact"))
+  out = predict.predict_files(model, paths, batch_size=4, explain_dir=str(tmp_path / "x"))
+  pictures = sorted(os.listdir(tmp_path / "x"))
+  assert pictures == ["explain_000.png", "explain_001.png"]  # batches of 4 and 1
+  assert all((tmp_path / "x" / p).stat().st_size > 2000 for p in pictures)
+  assert [r["explained"] for r in out] == [str(tmp_path / "x" / pictures[0])] * 4 + [
+      str(tmp_path / "x" / pictures[1])]
+  images = np.stack([transforms.eval_transform(test[i]["image"], image_size=8,
+                                               resize_size=8) for i in range(5)])
+  looks = model.explain(transforms.normalize(images, model.mean, model.std))
+  # The digits network has no localization module: the channel mean of its map.
+  out_map = model.network.module.apply(
+      model.variables, transforms.normalize(images, model.mean, model.std))["map"]
+  np.testing.assert_allclose(looks["heatmap"], np.asarray(out_map).mean(-1), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose([r["box"] for r in out], looks["box"], atol=1e-6)
+  assert np.all((looks["box"] >= 0) & (looks["box"] <= 1))
+  assert np.all(looks["box"][:, 2] > looks["box"][:, 0])

@@ -86,24 +86,15 @@ class MBConv(nn.Module):
     return y
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite0(segments.Backbone):
   """EfficientNet-Lite0 backbone with named outputs (fgjax.models.segments).
 
   Outputs: 'stem' (N, H/2, W/2, 32), 'stage1'..'stage7' (the seven MBConv groups of
   the TF builder, 16 .. 320 channels), 'map' (the 1x1 head conv + ReLU6, 1280
   channels, stride 32), 'pooled' (N, 1280), and with include_top 'logits' (N, 1000).
 
-  Attributes:
-    include_top: add ImageNet 'logits' (dropout 0.2 + Dense 1000; needs a 'dropout'
-      rng when train=True).
-    fold_bn: BN folded into convolutions (inference only; see fgjax.export).
-    conv_impl: see layers.Conv2D.
-    dtype: computation dtype (params stay float32).
+  include_top adds dropout 0.2 + Dense 1000; attributes: segments.Backbone.
   """
-  include_top: bool = False
-  fold_bn: bool = False
-  conv_impl: str = "auto"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False, *, start: Optional[str] = None,

@@ -36,7 +36,6 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from fgjax.models import localize
 from fgjax.models import nets

@@ -61,7 +61,7 @@ class Block(nn.Module):
     return nn.relu(y + x)
 
 
-class ResNet(nn.Module):
+class ResNet(segments.Backbone):
   """ResNet with named outputs (fgjax.models.segments).
 
   Outputs: 'stem' (conv7x7/2 + BN + ReLU + max pool, 64 channels, stride 4),
@@ -72,10 +72,6 @@ class ResNet(nn.Module):
   convolutions run).
   """
   depth: int = 18
-  include_top: bool = False
-  fold_bn: bool = False
-  conv_impl: str = "auto"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False, *, start: Optional[str] = None,

@@ -13,9 +13,11 @@ backbone piece by piece without computing anything twice. Each segment's layers 
 fixed names inside the backbone module, so the same variables serve every (start, stop).
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 Segment = tuple[str, Callable[[jax.Array], jax.Array]]
 
@@ -55,3 +57,22 @@ def run_segments(segments: Sequence[Segment], x: jax.Array, start: Optional[str]
     x = fn(x)
     out[name] = x
   return out
+
+
+class Backbone(nn.Module):
+  """What every registry backbone is: these attributes, and
+  `__call__(x, train=False, *, start=None, stop=None) -> {output name: array}` built
+  on `run_segments`.
+
+  Attributes:
+    include_top: also return ImageNet 'logits' (a dropout before the classifier needs a
+      'dropout' rng when train=True).
+    fold_bn: BN folded into convolutions (inference only; see fgjax.export).
+    conv_impl: how convolutions and pools run (see fgjax.models.layers.Conv2D).
+    dtype: computation dtype (params stay float32).
+  """
+  include_top: bool = False
+  fold_bn: bool = False
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+

@@ -5,7 +5,7 @@ the feature map is larger than 4 pixels, then global average pooling to 128 feat
 No pretrained weights; the deterministic init is the only initialisation.
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ STD = (127.5, 127.5, 127.5)
 BLOCKS = tuple(f"stage{i}" for i in range(len(WIDTHS)))
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(segments.Backbone):
   """(N, H, W, 3), 4 <= H, W, with named outputs (fgjax.models.segments).
 
   Outputs: 'stem' (parameter group 'stage0', 32 channels), 'stage1' (64), 'stage2'
@@ -32,11 +32,7 @@ class SmallCNN(nn.Module):
   4 pixels (not after the last); 'map' (= stage2), 'pooled' (N, 128), and with
   include_top 'logits' (N, num_classes).
   """
-  include_top: bool = False
   num_classes: int = 1000
-  fold_bn: bool = False
-  conv_impl: str = "auto"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False, *, start: Optional[str] = None,

@@ -46,7 +46,7 @@ class Fire(nn.Module):
                             nn.relu(conv(self.expand3x3, 3, 1, "expand3x3")(x))], -1)
 
 
-class SqueezeNet11(nn.Module):
+class SqueezeNet11(segments.Backbone):
   """SqueezeNet 1.1 with named outputs (fgjax.models.segments); H, W >= 32.
 
   Outputs: 'stem' (conv1 + ReLU + max pool, 64 channels, stride 4), 'stage1' (fire3-4,
@@ -58,10 +58,6 @@ class SqueezeNet11(nn.Module):
   `fold_bn` is accepted for a uniform interface (no BN here); `conv_impl`: see
   layers.Conv2D (it picks how the 1x1 convolutions run).
   """
-  include_top: bool = False
-  fold_bn: bool = False
-  conv_impl: str = "auto"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False, *, start: Optional[str] = None,
