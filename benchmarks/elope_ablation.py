@@ -4,8 +4,8 @@
       [--epochs=30 --lrs=3e-4,1e-3,3e-3 --module_epochs=5 --rows=gap,gmp,...]
 
 Rows, each a `train_and_evaluate` run (results.json in its workdir; a finished run is
-not repeated, so the sweep resumes after a kill), learning rate chosen on val among
---lrs, test reported for that choice only:
+not repeated, so the sweep resumes after a kill, and the summary is rebuilt from the
+runs), learning rate chosen on val among --lrs, test reported for that choice only:
   gap, gmp, gkmp     pooling avg / max / kmax (K = 4), net 'elope' (FC 512 + classifier,
                      like the paper's baselines), cross-entropy only
   gkmp_lw            + L_w (ELoPE eq. 9): the 'elope' term with gamma = 0
@@ -17,6 +17,12 @@ not repeated, so the sweep resumes after a kill), learning rate chosen on val am
                      the localization run (init_from)
   fixed_gkmp_le, loose_gkmp_le
                      k-max + L_e under the impostor rule (net 'impostor', RBF rule)
+  gkmp_le_more, localization_more
+                     controls for the two rows that start from a trained head:
+                     gkmp_le's head trained --epochs more on the full images (lr
+                     chosen on val like the localization row's), and the
+                     localization row's --weighted_epochs more with plain k-max, so a
+                     gain from crops or weights is not one from training longer
 The backbone stays frozen at its ImageNet weights in every row (CPU budget), so every
 row trains its head for --epochs on cached features: the same budget. Prints a Markdown
 table and writes summary_<dataset>.json as rows finish.
@@ -35,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # noqa: E402
 
 ROWS = ("gap", "gmp", "gkmp", "gkmp_lw", "gkmp_le", "localization", "weighted",
-        "fixed_gkmp_le", "loose_gkmp_le")
+        "fixed_gkmp_le", "loose_gkmp_le", "gkmp_le_more", "localization_more")
 _DATASET = flags.DEFINE_enum("dataset", "cars196", ["cars196", "birds525"], "Data set.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/elope", "Parent workdir.")
 _EPOCHS = flags.DEFINE_integer("epochs", 30, "Head-training epochs of every row.")
@@ -43,7 +49,8 @@ _MODULE_EPOCHS = flags.DEFINE_integer("module_epochs", 5,
                                       "Epochs of localization-module training.")
 _WEIGHTED_EPOCHS = flags.DEFINE_integer("weighted_epochs", 10,
                                         "Weighted k-max fine-tuning epochs.")
-_LRS = flags.DEFINE_list("lrs", ["3e-4", "1e-3", "3e-3"], "Learning rates to choose from.")
+_LRS = flags.DEFINE_list("lrs", ["1e-4", "3e-4", "1e-3", "3e-3"],
+                         "Learning rates to choose from (on val).")
 _ROWS = flags.DEFINE_list("rows", list(ROWS), "Rows to run, in order.")
 _CACHE = flags.DEFINE_string("feature_cache_dir", "", "Shared feature cache (default: "
                              "<workdir>/<dataset>/features).")
@@ -75,6 +82,14 @@ def row_config(row: str, lr: float, done: dict):
     c.train.num_epochs = _WEIGHTED_EPOCHS.value
     c.init_from = done["localization"]["workdir"]
     c.init_from_parts = "net,loss_state"
+  elif row == "gkmp_le_more":
+    # As the localization row: the head continues, the class means restart.
+    c.init_from = done["gkmp_le"]["workdir"]
+  elif row == "localization_more":
+    c.model.net = "elope_localized"
+    c.train.num_epochs = _WEIGHTED_EPOCHS.value
+    c.init_from = done["localization"]["workdir"]
+    c.init_from_parts = "net,loss_state"
   elif row in ("fixed_gkmp_le", "loose_gkmp_le"):
     c.scheme = row.split("_")[0]
     c.model.net = ""
@@ -82,8 +97,8 @@ def row_config(row: str, lr: float, done: dict):
 
 
 def module_config(classifier_workdir: str):
-  """Stage 2 of the localization row: only the module trains, on images."""
-  c = base(float(_LRS.value[1]))
+  """Stage 2 of the localization row: only the module trains, on images (lr 1e-3)."""
+  c = base(1e-3)
   c.model.net = "elope_localized"
   c.loss.terms, c.loss.extra_terms = "heatmap", ""
   c.model.frozen = "embed,classifier"
@@ -109,30 +124,39 @@ def _scores(r: dict, split: str) -> dict:
   return {"head": head, **r["splits"][split][head]}
 
 
+# The run a row continues from (its init_from), and rows that keep that run's lr.
+_SOURCE = {"localization": "module", "weighted": "localization",
+           "localization_more": "localization", "gkmp_le_more": "gkmp_le"}
+_KEEP_LR = ("weighted", "localization_more")
+
+
+def _name(row: str, lr: float, done: dict) -> str:
+  """Run directory: the row, its lr, and the run it continues (so a changed choice
+  upstream never reuses a stale continuation)."""
+  src = _SOURCE.get(row)
+  return f"{row}_lr{lr:g}" + (f"__{os.path.basename(done[src]['workdir'])}" if src else "")
+
+
 def main(argv):
   del argv
   out_dir = os.path.join(_WORKDIR.value, _DATASET.value)
   os.makedirs(out_dir, exist_ok=True)
   summary_path = os.path.join(out_dir, f"summary_{_DATASET.value}.json")
+  # Rebuilt from the runs' results.json every time: finished runs cost nothing.
   done = {}
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      done = json.load(f)
   for row in _ROWS.value:
-    if row in done:
-      continue
-    if row == "localization" and "module" not in done:
-      wd = os.path.join(out_dir, "module")
+    if row == "localization":
+      wd = os.path.join(out_dir, f"module__{os.path.basename(done['gkmp_le']['workdir'])}")
       t0 = time.time()
       r = _run(module_config(done["gkmp_le"]["workdir"]), wd)
       done["module"] = {"workdir": wd, "wall_seconds": time.time() - t0,
                         "localization": r.get("localization"),
                         "test_top1_on_crops_untrained_head": _scores(r, "test")["top1"]}
-    lrs = [float(x) for x in _LRS.value] if row != "weighted" else [
-        done["localization"]["lr"]]
+    lrs = ([done[_SOURCE[row]]["lr"]] if row in _KEEP_LR
+           else [float(x) for x in _LRS.value])
     trials = {}
     for lr in lrs:
-      wd = os.path.join(out_dir, f"{row}_lr{lr:g}")
+      wd = os.path.join(out_dir, _name(row, lr, done))
       t0 = time.time()
       r = _run(row_config(row, lr, done), wd)
       trials[lr] = {"workdir": wd, "val": _scores(r, "val"), "test": _scores(r, "test"),

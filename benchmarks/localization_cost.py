@@ -42,6 +42,7 @@ def main():
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--map_size", type=int, default=7)
   parser.add_argument("--repeats", type=int, default=9)
+  parser.add_argument("--batches", default="1,32", help="Batch sizes to time.")
   args = parser.parse_args()
   network, variables = build(args.backbone, args.stop, args.size, args.map_size)
   module = network.module
@@ -60,16 +61,17 @@ def main():
         f"{n_loc:,} of {n_all:,} parameters; {time.strftime('%Y-%m-%d %H:%M')}, "
         f"load {os.getloadavg()}")
   compiled = {}
-  for batch in (1, 32):
+  for batch in (int(b) for b in args.batches.split(",")):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, args.size, args.size, 3)),
                     jnp.float32)
     for name, fn in fns.items():
       c = xla_cpu.jit(fn).lower(variables, x).compile()
       compiled[name, batch] = (c, x)
-      if batch == 1:
+      if batch == int(args.batches.split(",")[0]):
         cost = c.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        print(f"  FLOPs, {name}: {cost.get('flops', float('nan')):.3e}")
+        print(f"  FLOPs per image, {name}: "
+              f"{cost.get('flops', float('nan')) / batch:.3e}")
     for _ in range(2):
       for name in fns:
         c, x = compiled[name, batch]
