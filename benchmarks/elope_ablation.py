@@ -142,8 +142,12 @@ def main(argv):
   out_dir = os.path.join(_WORKDIR.value, _DATASET.value)
   os.makedirs(out_dir, exist_ok=True)
   summary_path = os.path.join(out_dir, f"summary_{_DATASET.value}.json")
-  # Rebuilt from the runs' results.json every time: finished runs cost nothing.
+  # The rows named in --rows are rebuilt from their runs' results.json (finished runs
+  # cost nothing); the others keep their summary entries (rows upstream of them).
   done = {}
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      done = json.load(f)
   for row in _ROWS.value:
     if row == "localization":
       wd = os.path.join(out_dir, f"module__{os.path.basename(done['gkmp_le']['workdir'])}")
