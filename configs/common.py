@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 0       # > 0 overrides num_epochs
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 200
+  # fgjax.divergence: stop (keeping the last good checkpoint) when a row of the
+  # embedding grows past this L2 norm; 0: only non-finite values stop a run.
+  c.train.max_embedding_norm = 1e6
   c.train.cache_features = False  # head-only training on cached backbone features
   # With cache_features: a directory shared by runs, so a sweep computes the backbone
   # features of each split once (fgjax.feature_cache); empty: per run, in memory.

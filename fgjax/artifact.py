@@ -9,12 +9,21 @@ Layout (format_version 2):
   variables.msgpack  flax-serialised {'params': ..., 'batch_stats': ...} of the network
   impostors.npz      centers (M, E) float32 + labels (M,) int32, or, when compressed,
                      codes (M, m) uint8 + codebooks + rotation + labels
+  manifest.json      {'files': {name: {'size', 'sha256'}}} of every file above; written
+                     last, so an artifact without it is incomplete
+
+`export` writes into a sibling staging directory and renames it into place: a killed
+export leaves the previous artifact whole (killed between the two renames, set aside,
+where the next export puts it back), never a mix. `Model` verifies the manifest and the
+files' consistency when it loads, naming the file and the fix.
 
 Loading needs neither the training data nor a checkpoint manager, only fgjax: the
 network is rebuilt through the same factory as in training (fgjax.models.nets.build).
 """
 
+import hashlib
 import os
+import shutil
 from typing import Any, Optional
 
 import flax.serialization
@@ -31,17 +40,31 @@ from fgjax.models import xla_cpu
 
 FORMAT_VERSION = 2
 ENGINES = ("jit", "xla", "onnx")
+MANIFEST = "manifest.json"
+# Siblings of the artifact directory: the export being written, and the previous
+# artifact while the new one is renamed in.
+_STAGING, _ASIDE = ".partial", ".old"
+_REEXPORT = ("Export it again: rerun `python launch.py` with the run's --config and the "
+             "same --workdir (a finished run restores its last checkpoint, evaluates and "
+             "exports), or call fgjax.artifact.export().")
+
+
+class ArtifactError(ValueError):
+  """An artifact directory that is incomplete, damaged or inconsistent."""
 
 
 def export(path: str, *, config, network: nets.Network, class_names: list[str],
            variables: dict[str, Any], impostors: Optional[impostors_lib.ImpostorSet],
            sigma: float, quantized: tuple[Any, Any] = (None, None)) -> str:
-  """Writes the artifact directory `path`; returns it.
+  """Writes the artifact directory `path` atomically, replacing any previous one.
 
   `quantized` = (ProductQuantizer, codes) stores PQ codes + codebooks instead of the
   float impostors; the loaded model then classifies with ADC distances.
   """
-  os.makedirs(path, exist_ok=True)
+  path = os.path.normpath(path)  # A trailing '/' would put the siblings inside it.
+  _recover(path)
+  staging = path + _STAGING
+  os.makedirs(staging)
   meta = {
       "format_version": FORMAT_VERSION, "net": network.name,
       "model": config.model.to_dict(), "has_logits": network.has_logits,
@@ -51,23 +74,82 @@ def export(path: str, *, config, network: nets.Network, class_names: list[str],
       "mean": [float(x) for x in np.ravel(network.spec.mean)],
       "std": [float(x) for x in np.ravel(network.spec.std)],
   }
-  workdir_lib.write_json(os.path.join(path, "meta.json"), meta)
-  workdir_lib.write_json(os.path.join(path, "config.json"), config.to_dict())
-  workdir_lib.write_json(os.path.join(path, "class_names.json"), list(class_names))
+  workdir_lib.write_json(os.path.join(staging, "meta.json"), meta)
+  workdir_lib.write_json(os.path.join(staging, "config.json"), config.to_dict())
+  workdir_lib.write_json(os.path.join(staging, "class_names.json"), list(class_names))
   host = jax.tree.map(np.asarray, jax.device_get(variables))
-  with open(os.path.join(path, "variables.msgpack"), "wb") as f:
+  with open(os.path.join(staging, "variables.msgpack"), "wb") as f:
     f.write(flax.serialization.to_bytes(host))
   pq, codes = quantized
   if impostors is not None and pq is not None:
-    np.savez(os.path.join(path, "impostors.npz"), codes=np.asarray(codes, np.uint8),
+    np.savez(os.path.join(staging, "impostors.npz"), codes=np.asarray(codes, np.uint8),
              codebooks=np.asarray(pq.codebooks, np.float32),
              rotation=np.asarray(pq.rotation, np.float32),
              labels=np.asarray(impostors.labels, np.int32))
   elif impostors is not None:
-    np.savez(os.path.join(path, "impostors.npz"),
+    np.savez(os.path.join(staging, "impostors.npz"),
              centers=np.asarray(impostors.centers, np.float32),
              labels=np.asarray(impostors.labels, np.int32))
+  workdir_lib.write_json(os.path.join(staging, MANIFEST), {"files": {
+      name: {"size": os.path.getsize(os.path.join(staging, name)),
+             "sha256": _sha256(os.path.join(staging, name))}
+      for name in sorted(os.listdir(staging))}})
+  # A kill between these renames leaves no `path` but both whole directories; the
+  # next export's _recover puts the old one back.
+  if os.path.exists(path):
+    os.rename(path, path + _ASIDE)
+  os.rename(staging, path)
+  shutil.rmtree(path + _ASIDE, ignore_errors=True)
   return path
+
+
+def _recover(path: str) -> None:
+  """Undoes what a killed export left beside `path`: the previous artifact set aside
+  goes back in place unless a newer one is there, and a partial export is dropped."""
+  aside = path + _ASIDE
+  if os.path.isdir(aside):
+    if os.path.exists(path):
+      shutil.rmtree(aside)
+    else:
+      os.rename(aside, path)
+  shutil.rmtree(path + _STAGING, ignore_errors=True)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _verify_manifest(path: str) -> None:
+  """Raises ArtifactError unless every file of the manifest is there, whole."""
+  manifest = os.path.join(path, MANIFEST)
+  if not os.path.exists(manifest):
+    raise ArtifactError(
+        f"{path} has no {MANIFEST}: the export was killed before it finished, or the "
+        f"artifact predates manifests, so its files cannot be trusted. {_REEXPORT}")
+  files = _read_json(path, MANIFEST)["files"]
+  for name, want in files.items():
+    file = os.path.join(path, name)
+    if not os.path.exists(file):
+      raise ArtifactError(f"{file} is missing (listed in {MANIFEST}). {_REEXPORT}")
+    size = os.path.getsize(file)
+    if size != want["size"]:
+      raise ArtifactError(f"{file} has {size} bytes, {MANIFEST} says {want['size']}: "
+                          f"truncated or replaced. {_REEXPORT}")
+    if _sha256(file) != want["sha256"]:
+      raise ArtifactError(f"{file} does not match its sha256 in {MANIFEST}: the file "
+                          f"is damaged or was replaced. {_REEXPORT}")
+
+
+def _read_json(path: str, name: str) -> Any:
+  try:
+    return workdir_lib.read_json(os.path.join(path, name))
+  except (OSError, ValueError) as e:
+    raise ArtifactError(f"{os.path.join(path, name)} is unreadable ({e}). "
+                        f"{_REEXPORT}") from e
 
 
 class Model:
@@ -78,6 +160,8 @@ class Model:
   to onnxruntime; needs `onnx` and `onnxruntime`; the fastest on CPU, BENCHMARKS.md).
   All three run the whole network and give the same predictions up to float error; an
   engine that cannot serve a network refuses when the model loads, naming the op.
+  An incomplete, damaged or inconsistent artifact raises ArtifactError here, naming
+  the file, rather than failing (or answering wrongly) at the first batch.
   """
 
   def __init__(self, path: str, engine: str = "jit", batch_size: int = 16):
@@ -88,28 +172,31 @@ class Model:
       raise FileNotFoundError(
           f"{path} is not an fgjax artifact (no meta.json). Train with launch.py, which "
           "writes <workdir>/artifact, or call fgjax.artifact.export().")
-    self.meta = workdir_lib.read_json(meta_path)
+    _verify_manifest(path)
+    self.meta = _read_json(path, "meta.json")
     if self.meta.get("format_version") != FORMAT_VERSION:
       raise ValueError(f"{meta_path}: format_version {self.meta.get('format_version')} "
                        f"is not supported (expected {FORMAT_VERSION}); export it again "
                        "with this version of fgjax.")
-    self.class_names = workdir_lib.read_json(os.path.join(path, "class_names.json"))
+    num_classes = self.meta["num_classes"]
+    self.class_names = _read_json(path, "class_names.json")
+    if not isinstance(self.class_names, list) or len(self.class_names) != num_classes:
+      found = (f"{len(self.class_names)} names" if isinstance(self.class_names, list)
+               else f"a {type(self.class_names).__name__}")
+      raise ArtifactError(f"{os.path.join(path, 'class_names.json')} holds {found}, but "
+                          f"the network has {num_classes} classes (meta.json "
+                          f"num_classes). {_REEXPORT}")
     self.network = nets.build(ml_collections.ConfigDict(self.meta["model"]),
-                              self.meta["num_classes"], pretrained=False,
-                              net=self.meta["net"])
+                              num_classes, pretrained=False, net=self.meta["net"])
     target = jax.eval_shape(lambda: self.network.init(0, self.meta["image_size"]))
-    with open(os.path.join(path, "variables.msgpack"), "rb") as f:
-      self.variables = flax.serialization.from_bytes(target, f.read())
+    self.variables = _load_variables(os.path.join(path, "variables.msgpack"), target)
     self.impostors, self.pq, self.codes = None, None, None
     imp_path = os.path.join(path, "impostors.npz")
     if os.path.exists(imp_path):
-      with np.load(imp_path) as z:
-        if "codes" in z:
-          self.pq = quantize.ProductQuantizer(z["codebooks"], z["rotation"])
-          self.codes = z["codes"]
-          self.impostors = impostors_lib.ImpostorSet(None, z["labels"])
-        else:
-          self.impostors = impostors_lib.ImpostorSet(z["centers"], z["labels"])
+      self.impostors, self.pq, self.codes = _load_impostors(imp_path, num_classes)
+    elif not self.meta["has_logits"]:
+      raise ArtifactError(f"{imp_path} is missing: network {self.meta['net']!r} has no "
+                          f"softmax head and classifies with its impostors. {_REEXPORT}")
     self.sigma = float(self.meta["sigma"])
     self.mean = np.asarray(self.meta["mean"], np.float32)
     self.std = np.asarray(self.meta["std"], np.float32)
@@ -164,3 +251,56 @@ class Model:
           out["embedding"], self.impostors, self.sigma,
           num_classes=len(self.class_names)))
     return np.asarray(jax.nn.log_softmax(out["logits"], axis=-1))
+
+
+def _load_variables(file: str, target: Any) -> dict[str, Any]:
+  """The network variables of `file`, checked against the shapes of `target`."""
+  try:
+    with open(file, "rb") as f:
+      variables = flax.serialization.from_bytes(target, f.read())
+  # msgpack and flax raise many types (ValueError, KeyError, msgpack's own) on bad data.
+  except Exception as e:  # pylint: disable=broad-except
+    raise ArtifactError(f"{file} cannot be decoded ({type(e).__name__}: {e}). "
+                        f"{_REEXPORT}") from e
+  # flax restores whatever shapes the file holds: a mismatch would fail at the first
+  # batch, not here.
+  want = {jax.tree_util.keystr(k): tuple(v.shape)
+          for k, v in jax.tree_util.tree_leaves_with_path(target)}
+  got = {jax.tree_util.keystr(k): np.shape(v)
+         for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+  wrong = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+  if wrong:
+    raise ArtifactError(
+        f"{file} does not fit the network of meta.json: {len(wrong)} arrays differ, "
+        f"e.g. {wrong[0]} {got.get(wrong[0])} instead of {want.get(wrong[0])}. "
+        f"{_REEXPORT}")
+  return variables
+
+
+def _load_impostors(file: str, num_classes: int) -> tuple[
+    impostors_lib.ImpostorSet, Optional[quantize.ProductQuantizer], Optional[np.ndarray]]:
+  """(impostors, pq, codes) of `file`; centers are None (and pq set) when compressed."""
+  try:
+    with np.load(file) as z:
+      arrays = {k: z[k] for k in z.files}
+  # A damaged zip raises BadZipFile, OSError or ValueError, depending on where.
+  except Exception as e:  # pylint: disable=broad-except
+    raise ArtifactError(f"{file} cannot be read ({type(e).__name__}: {e}). "
+                        f"{_REEXPORT}") from e
+  need = ("codes", "codebooks", "rotation", "labels") if "codes" in arrays else (
+      "centers", "labels")
+  missing = [k for k in need if k not in arrays]
+  if missing:
+    raise ArtifactError(f"{file} lacks {', '.join(missing)}. {_REEXPORT}")
+  labels = arrays["labels"]
+  rows = arrays["codes" if "codes" in arrays else "centers"]
+  if labels.ndim != 1 or len(labels) != len(rows):
+    raise ArtifactError(f"{file}: labels {labels.shape} do not match the {len(rows)} "
+                        f"impostors. {_REEXPORT}")
+  if len(labels) and not (labels.min() >= 0 and labels.max() < num_classes):
+    raise ArtifactError(f"{file}: impostor labels span {labels.min()}..{labels.max()}, "
+                        f"outside the {num_classes} classes of meta.json. {_REEXPORT}")
+  if "codes" in arrays:
+    pq = quantize.ProductQuantizer(arrays["codebooks"], arrays["rotation"])
+    return impostors_lib.ImpostorSet(None, labels), pq, arrays["codes"]
+  return impostors_lib.ImpostorSet(arrays["centers"], labels), None, None

@@ -84,6 +84,7 @@ def validate(config: Any) -> None:
                "train.log_every_steps", "loss.nca.sigma"):
     _positive(config, path)
   for path in ("train.num_epochs", "optim.weight_decay", "train.checkpoint_every_steps",
+               "train.max_embedding_norm",
                "impostors.reset_every_epochs"):
     _positive(config, path, allow_zero=True)
   if config.input.image_size > config.input.resize_size:

@@ -90,18 +90,30 @@ def localization(outputs: dict[str, np.ndarray], *, tau: float) -> dict[str, Any
   localized network, else 'mean_map'); boxes from heat maps by
   localize.heatmap_boxes(., tau).
 
+  With or without ground truth, '<boxes>_area' is the boxes' mean area (fraction of
+  the image) and '<boxes>_whole' the fraction of boxes that are the whole image: on
+  images already cropped to the object the boxes keep everything, and cropping to
+  them changes nothing.
+
   Args:
     outputs: network outputs of the split with 'true_box' (N, 4) (sources without
-      boxes give no 'true_box': then only the number of images is reported).
+      boxes give no 'true_box': then no accuracy is reported).
   """
   from fgjax.models import localize  # pylint: disable=g-import-not-at-top
   heat = outputs["heatmap_target"] if "heatmap_target" in outputs else outputs["mean_map"]
   report: dict[str, Any] = {"num_examples": int(len(heat)), "tau": float(tau)}
+  mean_boxes = localize.heatmap_boxes(jnp.asarray(heat), tau)
+  for name, boxes in (("mean_map", mean_boxes), ("module", outputs.get("box"))):
+    if boxes is not None:
+      boxes = np.asarray(boxes, np.float64)
+      area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+      report[f"{name}_area"] = float(area.mean())
+      report[f"{name}_whole"] = float(np.mean(np.all(
+          np.abs(boxes - [0.0, 0.0, 1.0, 1.0]) < 1e-6, axis=1)))
   if "true_box" not in outputs:
     report["accuracy"] = "no ground-truth boxes in this split's source"
     return report
   truth = jnp.asarray(outputs["true_box"])
-  mean_boxes = localize.heatmap_boxes(jnp.asarray(heat), tau)
   report["mean_map_iou50"] = localize.localization_accuracy(mean_boxes, truth)
   if "box" in outputs:
     report["module_iou50"] = localize.localization_accuracy(jnp.asarray(outputs["box"]),

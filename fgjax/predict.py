@@ -10,6 +10,7 @@ distribution (paper section 4.2) and "unknown" when the entropy is above
 """
 
 import json
+import math
 import os
 import sys
 from typing import Any, Iterable, Optional, Sequence
@@ -54,6 +55,19 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
   return out
 
 
+def _check_options(topk: int, reject_entropy: Optional[float], batch_size: int) -> None:
+  # NaN compares False with everything: it would make no image (or, negated, every
+  # image) "unknown" without a word, so it is refused like a negative threshold.
+  if reject_entropy is not None and not (math.isfinite(reject_entropy) and
+                                         reject_entropy >= 0):
+    raise ValueError(f"--reject_entropy={reject_entropy} must be a finite entropy >= 0 "
+                     "(nats; log(number of classes) is the largest possible), or unset.")
+  if topk < 1:
+    raise ValueError(f"--topk={topk} must be >= 1.")
+  if batch_size < 1:
+    raise ValueError(f"--batch_size={batch_size} must be >= 1.")
+
+
 def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
                   reject_entropy: Optional[float] = None, batch_size: int = 16,
                   explain_dir: Optional[str] = None) -> list[dict[str, Any]]:
@@ -65,6 +79,7 @@ def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
   conv map) to <explain_dir>/explain_<k>.png, and add 'box' and 'explained' to each
   result.
   """
+  _check_options(topk, reject_entropy, batch_size)
   size, resize = model.meta["image_size"], model.meta["resize_size"]
   results: list[Optional[dict[str, Any]]] = [None] * len(paths)
   pending: list[tuple[int, np.ndarray]] = []
@@ -131,7 +146,10 @@ def main(argv):
   if bool(_WORKDIR.value) == bool(_ARTIFACT.value):
     raise app.UsageError("Give exactly one of --workdir or --artifact.")
   path = _ARTIFACT.value or os.path.join(_WORKDIR.value, "artifact")
-  model = artifact.Model(path, engine=_ENGINE.value, batch_size=_BATCH.value)
+  try:
+    model = artifact.Model(path, engine=_ENGINE.value, batch_size=_BATCH.value)
+  except artifact.ArtifactError as e:  # Damaged or incomplete: the message is the fix.
+    sys.exit(f"fgjax.predict: {e}")
   results = predict_files(model, paths, topk=_TOPK.value, reject_entropy=_REJECT.value,
                           batch_size=_BATCH.value, explain_dir=_EXPLAIN.value)
   if _JSON.value:

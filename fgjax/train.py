@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from fgjax import artifact
 from fgjax import config_checks
 from fgjax import data
+from fgjax import divergence
 from fgjax import evaluate_run
 from fgjax import impostor_policies
 from fgjax import impostors as impostors_lib
@@ -231,8 +232,14 @@ def _train(run: Run, state, manager: ocp.CheckpointManager,
     state, metrics = update(state, batch)
     step += 1
     state = run.policy.after_step(state, step, context)
-    if step % log_every == 0 or step == run.total_steps:
+    logs = step % log_every == 0 or step == run.total_steps
+    if logs or manager.should_save(step):
       host = parallel.to_host(metrics)
+      divergence.check(host, step, max_embedding_norm=float(
+          config.train.max_embedding_norm), last_good_step=manager.latest_step(),
+          checkpoint_dir=str(manager.directory),
+          learning_rate=float(config.optim.learning_rate))
+    if logs:
       now = time.time()
       rate = (step - step_log) / max(now - t_log, 1e-9)
       host["steps_per_sec"] = rate
@@ -363,8 +370,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   manager = _checkpoint_manager(workdir, config, run.total_steps)
   state = _restore_or_create(run, manager, workdir)
   writer = metric_writer.MetricWriter(workdir)
-  state = _train(run, state, manager, writer)
-  manager.close()
+  try:
+    state = _train(run, state, manager, writer)
+  finally:
+    # Waits for the async saves in flight: a crash (or a divergence stop) keeps every
+    # checkpoint it had started, instead of leaving a half-written step behind.
+    manager.close()
   train_seconds = time.time() - start_time
 
   results, quantized = _evaluate(run, state, workdir)
@@ -375,14 +386,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "steps": int(state.step), "steps_per_epoch": run.steps_per_epoch,
       "wall_seconds": time.time() - start_time, "train_seconds": train_seconds,
       "num_devices": run.mesh.devices.size, "commit": _git_commit(),
+      # Files left out when the data source was built ('path: error'), so a results
+      # table can say what it was computed without.
+      "dropped_files": list(run.splits.train.bad_files),
       "impostor_scale": None if scale is None else float(parallel.to_host(scale))})
   if is_writer:
-    workdir_lib.write_json(os.path.join(workdir, "results.json"), results)
     artifact.export(
         os.path.join(workdir, "artifact"), config=config, network=run.network,
         class_names=list(run.splits.class_names), variables=state.variables(),
         impostors=None if state.impostors is None else parallel.to_host(state.impostors),
         sigma=results["sigma"], quantized=quantized)
+    # Last: results.json marks a finished run (benchmarks skip such workdirs), so it
+    # must not exist before the artifact does.
+    workdir_lib.write_json(os.path.join(workdir, "results.json"), results)
   # TensorBoard only: metrics.jsonl is the training log, one row per logged step.
   writer.write_scalars(int(state.step), evaluate_run.flat_scalars(results), jsonl=False)
   writer.close()

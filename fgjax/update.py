@@ -20,6 +20,7 @@ them (with 'last:3' of Lite0 that is most of the step).
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from fgjax import objectives
@@ -44,6 +45,12 @@ def stop_frozen(net_params: dict[str, Any],
   return jax.tree_util.tree_map_with_path(
       lambda path, p: jax.lax.stop_gradient(p)
       if optim.is_frozen([k.key for k in path], frozen) else p, net_params)
+
+
+def _largest_valid_norm(embedding: jax.Array, valid: jax.Array) -> jax.Array:
+  """Largest row L2 norm among valid rows: what fgjax.divergence watches."""
+  norms = jnp.linalg.norm(jax.lax.stop_gradient(embedding).astype(jnp.float32), axis=-1)
+  return jnp.max(jnp.where(valid, norms, 0.0))
 
 
 def make_update(network, objective: objectives.Objective,
@@ -85,6 +92,9 @@ def make_update(network, objective: objectives.Objective,
       outputs, new_stats = outputs_and_stats(trainable["net"], state, batch)
       imps = state.with_trainable(trainable).impostors
       loss, loss_state, metrics = objective(outputs, batch, imps, state.loss_state)
+      if "embedding" in outputs:
+        metrics["embedding_norm"] = _largest_valid_norm(outputs["embedding"],
+                                                        batch["valid"])
       return loss, (metrics, new_stats, loss_state)
 
     trainable = state.trainable()

@@ -28,6 +28,7 @@ METRICS_FILE = "metrics.jsonl"
 # the workdir. num_epochs / num_steps only while the learning rate is constant: a
 # cosine schedule decays over the total number of steps.
 HARMLESS = ("train.log_every_steps", "train.checkpoint_every_steps",
+            "train.max_embedding_norm",
             "train.feature_cache_dir", "input.worker_count", "eval.", "num_devices",
             "distributed")
 _LENGTH = ("train.num_epochs", "train.num_steps")

@@ -183,3 +183,18 @@ def test_eval_box_follows_resize_and_centre_crop():
   # Resize to 256, crop 224 from offset 16: y' = (256 y - 16) / 224.
   box = transforms.eval_box([0.5, 0.0, 1.0, 0.25], image_size=224, resize_size=256)
   np.testing.assert_allclose(box, [(128 - 16) / 224, 0.0, 1.0, (64 - 16) / 224], atol=1e-6)
+
+
+def test_localization_report_box_area_without_ground_truth():
+  from fgjax import evaluate_run  # pylint: disable=g-import-not-at-top
+  heat = np.zeros((2, 4, 4), np.float32)
+  heat[0] = 1.0                  # flat map: every cell on -> the whole image
+  heat[0, 0, 0] = 0.0            # ... except that min-max needs a low cell: still all
+  heat[1, 1:3, 2] = 1.0          # a 2 x 1 block of a 4 x 4 map -> area 2/16
+  module = np.array([[0.0, 0.0, 1.0, 1.0], [0.25, 0.25, 0.75, 0.5]], np.float32)
+  report = evaluate_run.localization({"mean_map": heat, "box": module}, tau=0.5)
+  assert report["accuracy"] == "no ground-truth boxes in this split's source"
+  assert report["module_area"] == pytest.approx((1.0 + 0.5 * 0.25) / 2)
+  assert report["module_whole"] == 0.5
+  assert report["mean_map_whole"] == 0.5
+  assert report["mean_map_area"] == pytest.approx((1.0 + 2 / 16) / 2)

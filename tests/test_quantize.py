@@ -197,14 +197,11 @@ def _sq_dists(a, b):
   return (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]
 
 
-@pytest.mark.parametrize("method", ["pq", "opq"])
-def test_peer_faiss(method):
-  """Reconstruction MSE and ADC recall@1 within 5% of faiss on the same data."""
-  faiss = pytest.importorskip("faiss", reason="faiss-cpu is the PQ/OPQ peer")
-  faiss.omp_set_num_threads(1)  # OpenMP spinning is slow on a shared 2-core VM
+def _against_faiss(faiss, method, seed):
+  """(our MSE, faiss MSE, our ADC recall@1, faiss recall@1) on one synthetic set."""
   n, d, m = 5000, 64, 8
-  x = _correlated(n, d, seed=11, latent=24, noise=0.3)
-  q = _correlated(1000, d, seed=12, latent=24, noise=0.3)
+  x = _correlated(n, d, seed=seed, latent=24, noise=0.3)
+  q = _correlated(1000, d, seed=seed + 1, latent=24, noise=0.3)
   nearest = np.argmin(_sq_dists(q, x), axis=1)
   if method == "pq":
     ours = quantize.train_pq(x, m, iterations=20)
@@ -221,10 +218,23 @@ def test_peer_faiss(method):
     fpq.train(xr)
     f_rec = opq.reverse_transform(fpq.decode(fpq.compute_codes(xr)))
   codes = quantize.encode(ours, x)
-  our_mse = _mse(quantize.decode(ours, codes), x)
-  faiss_mse = _mse(f_rec, x)
   adc = np.asarray(quantize.adc_squared_distances(ours, q, codes))
-  our_recall = float(np.mean(np.argmin(adc, 1) == nearest))
-  faiss_recall = float(np.mean(np.argmin(_sq_dists(q, f_rec), 1) == nearest))
+  return (_mse(quantize.decode(ours, codes), x), _mse(f_rec, x),
+          float(np.mean(np.argmin(adc, 1) == nearest)),
+          float(np.mean(np.argmin(_sq_dists(q, f_rec), 1) == nearest)))
+
+
+@pytest.mark.parametrize("method", ["pq", "opq"])
+def test_peer_faiss(method):
+  """Reconstruction MSE and ADC recall@1 within 5% of faiss, averaged over 3 data sets.
+
+  One data set is not enough: k-means from different starts lands +-6% apart in MSE
+  and recall (both ways against faiss, and with the float rounding of the CPU and of
+  XLA's device count), so a single-seed 5% margin passes or fails by chance.
+  """
+  faiss = pytest.importorskip("faiss", reason="faiss-cpu is the PQ/OPQ peer")
+  faiss.omp_set_num_threads(1)  # OpenMP spinning is slow on a shared 2-core VM
+  our_mse, faiss_mse, our_recall, faiss_recall = np.mean(
+      [_against_faiss(faiss, method, seed) for seed in (11, 21, 31)], axis=0)
   assert our_mse <= 1.05 * faiss_mse, (our_mse, faiss_mse)
   assert our_recall >= 0.95 * faiss_recall, (our_recall, faiss_recall)

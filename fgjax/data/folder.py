@@ -146,6 +146,20 @@ def find_bad_files(paths: Sequence[str], num_threads: Optional[int] = None) -> l
     return [r for r in pool.map(_check_file, paths) if r is not None]
 
 
+def _refuse_emptied_classes(result: splits.Splits, root, bad: Sequence[str]) -> None:
+  # A class left without training images by the dropped files cannot be learned (and
+  # has no impostor), yet would stay in class_names and quietly lower every accuracy.
+  counts = np.bincount(np.asarray(result.train.labels), minlength=result.num_classes)
+  empty = [result.class_names[c] for c in np.flatnonzero(counts == 0)]
+  if empty:
+    raise ValueError(
+        f"config.data.root: under {root}, class(es) {empty[:5]}"
+        f"{' ...' if len(empty) > 5 else ''} ({len(empty)}) have no training image "
+        f"left after dropping {len(bad)} undecodable files (first: {bad[0]}). Replace "
+        "or remove those files, or leave the class out with "
+        "config.data.classes_subset.")
+
+
 def image_folder_splits(cfg: Any, root: str | os.PathLike, name: str = "image_folder",
                         require_split_layout: bool = False) -> splits.Splits:
   """Scans, validates (drops undecodable files with a warning) and splits a folder."""
@@ -176,8 +190,11 @@ def image_folder_splits(cfg: Any, root: str | os.PathLike, name: str = "image_fo
     return records.FileSource([scan.paths[p] for p in pos], labels,
                               name=f"{name}:{split}", bad_files=bad)
 
-  return splits.make_splits(cfg, {s: (p, scan.labels[p]) for s, p in positions.items()},
-                            scan.class_names, make, name)
+  result = splits.make_splits(cfg, {s: (p, scan.labels[p]) for s, p in positions.items()},
+                              scan.class_names, make, name)
+  if bad:
+    _refuse_emptied_classes(result, root, bad)
+  return result
 
 
 def shared_data_root(name: str) -> pathlib.Path:

@@ -40,8 +40,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
   * RGBA / LA / P with transparency: composited over a white background (a
     transparent pixel has no colour; white is what a viewer shows).
   * CMYK / YCbCr: PIL's conversion.
-  * I / I;16 / F (high-bit-depth grayscale): linearly rescaled from the image's
-    own min..max to 0..255, because PIL's direct conversion clips at 255.
+  * I / I;16 (16-bit grayscale; older Pillow decodes 16-bit PNGs as I): value *
+    255 / 65535, clipped to 0..65535 (PIL's own conversion clips at 255 instead).
+    A 12-bit image in a 16-bit container therefore stays dark, as it is.
+  * F (float grayscale): taken as 0..1 (clipped), times 255.
 
   Args:
     img: a loaded PIL image of any mode.
@@ -63,11 +65,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
   if mode in _DIRECT_TO_RGB:
     return img.convert("RGB")
-  # High bit depth grayscale (I, I;16, F ...).
+  # High bit depth grayscale (I, I;16, F ...): scaled by the format's full range, so
+  # brightness means the same in every image (a per-image min..max stretch would make
+  # a dark 12-bit exposure look like a bright one).
   arr = np.asarray(img, dtype=np.float64)
-  lo, hi = float(arr.min()), float(arr.max())
-  scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-  gray = np.round(scaled).astype(np.uint8)
+  full = 1.0 if mode == "F" else 65535.0
+  gray = np.round(np.clip(arr / full, 0.0, 1.0) * 255.0).astype(np.uint8)
   return Image.fromarray(np.stack([gray] * 3, axis=-1), "RGB")
 
 

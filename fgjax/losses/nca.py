@@ -11,8 +11,10 @@ scheme's eq. (6) adds an attachment term, see `center.py`):
 
     L_i = -log( sum_{j != i, l_j = l_i} w_ij / sum_{j != i} w_ij ).
 
-Everything here works on logits a_ij = -||y_i - c_j||^2 / (2 sigma^2) with
-log-sum-exp, so sigma = 1e-3 on unit-scale data stays finite. Distances use
+The kernel helpers work on logits a_ij = -||y_i - c_j||^2 / (2 sigma^2) with
+log-sum-exp. `nca_loss` shifts each log-sum-exp by the row's minimum distance
+before scaling, so it stays exact, and equal in eager, jit and chunked modes,
+for every sigma > 0 (+inf only where the loss itself overflows float32). Distances use
 the expansion ||q||^2 + ||c||^2 - 2 q.c^T: one (B, d) x (d, M) matmul, never a
 (B, M, d) tensor. `nca_loss` has a custom VJP whose backward pass is two more
 matmuls (dq = D c, dc = D^T q) and, with `chunk_size`, streams over M with an
@@ -150,82 +152,111 @@ def scan_chunks(body: Callable, carry: Any, centers: jax.Array, extras: tuple,
 
 
 # ---- NCA loss ------------------------------------------------------------------------
-def _block_terms(q, qq, ql, ex, c, cc, cl, start, scale):
-  """Logits and the masks of one block of centers."""
-  logits = -scale * squared_distances_from_norms(q, qq, c, cc)
+# The loss works on distances, not logits: each log-sum-exp is shifted by its row's
+# minimum *distance* (d - d_min, then one multiply by 1 / (2 sigma^2)). Shifting
+# logits instead (a - max a) let XLA contract -s*d - m into an FMA in the fusion
+# that sums but not in the one that took the max, so under jit the nearest
+# center's "exp(0)" became exp of the product's rounding error (~ulp(s d), tens
+# to thousands at sigma = 1e-5): zero or inf sums, losses 0 or -inf. d - d_min has
+# no product to contract, so the nearest entry weighs exactly 1 in every mode.
+# +inf marks masked entries; real distances are finite or NaN, and NaN
+# propagates through the min and the sums.
+def _block_terms(q, qq, ql, ex, c, cc, cl, start):
+  """Distances and the masks of one block of centers."""
+  d = squared_distances_from_norms(q, qq, c, cc)
+  # An inf input can give an +inf distance, which would read as "masked".
+  d = jnp.where(d < jnp.inf, d, jnp.nan)
   cols = start + jnp.arange(c.shape[0])
   keep = cols[None, :] != ex[:, None]               # eq. (4): j != i
   pos = keep & (cl[None, :] == ql[:, None])         # [l_j = l_i]
-  return logits, keep, pos
+  return d, keep, pos
 
 
-def _prob_diff(logits, keep, pos, lse_all, lse_pos):
-  """D_ij = dL_i/da_ij = p_ij - p+_ij (softmax over all minus over positives)."""
-  has_pos = jnp.isfinite(lse_pos)
-  lse_all = jnp.where(has_pos, lse_all, 0.0)
-  lse_pos = jnp.where(has_pos, lse_pos, 0.0)
-  p_all = jnp.where(keep, jnp.exp(jnp.minimum(logits - lse_all[:, None], 0.0)), 0.0)
-  p_pos = jnp.where(pos, jnp.exp(jnp.minimum(logits - lse_pos[:, None], 0.0)), 0.0)
-  return jnp.where(has_pos[:, None], p_all - p_pos, 0.0)
+def _scaled(t, scale):
+  """t * scale for t >= 0, exactly 0 at t = 0 even where scale overflowed to inf."""
+  return jnp.where(t == 0, 0.0, t * scale)
 
 
-def _safe(m):
-  return jnp.where(jnp.isfinite(m), m, 0.0)
+def _masked_min(d, mask):
+  return jnp.min(jnp.where(mask, d, jnp.inf), axis=1)
 
 
-def _loss_from_lse(lse_all, lse_pos):
-  # No same-class center: the loss is defined as 0 (gradient 0), not +inf.
-  return jnp.where(jnp.isfinite(lse_pos), lse_all - lse_pos, 0.0)
+def _weights(d, d_min, mask, scale):
+  """exp(-scale (d_ij - d_min_i)) on `mask`, else 0; each value is <= 1."""
+  return jnp.where(mask, jnp.exp(-_scaled(d - d_min[:, None], scale)), 0.0)
+
+
+def _inverse_sums(d_pos, s_all, s_pos):
+  """1/s_all and 1/s_pos, 0 for rows without a positive (their D = 0)."""
+  no_pos = d_pos == jnp.inf
+  return (jnp.where(no_pos, 0.0, 1.0 / s_all), jnp.where(no_pos, 0.0, 1.0 / s_pos))
+
+
+def _loss(d_all, s_all, d_pos, s_pos, scale):
+  """L_i = (d+_i - d_i) / (2 sigma^2) + log s_all_i - log s_pos_i, eq. (4).
+
+  d_i, d+_i are the row's minimum distances over all kept and over positive
+  centers, s_all, s_pos the sums of their shifted weights. No positive: 0,
+  unless the row saw a NaN.
+  """
+  loss = _scaled(d_pos - d_all, scale) + jnp.log(s_all) - jnp.log(s_pos)
+  return jnp.where((d_pos == jnp.inf) & ~jnp.isnan(d_all), 0.0, loss)
+
+
+def _stream_min_sum(d_min, s, d, mask, scale):
+  """Folds one block into a running (min distance, sum of shifted weights)."""
+  new_min = jnp.minimum(d_min, _masked_min(d, mask))
+  # Nothing seen yet (d_min = +inf, s = 0): skip the rescale, whose
+  # inf - inf would be NaN.
+  carried = jnp.where(d_min == jnp.inf, 0.0,
+                      s * jnp.exp(-_scaled(d_min - new_min, scale)))
+  return new_min, carried + jnp.sum(_weights(d, new_min, mask, scale), axis=1)
+
+
+def _kernel_scale(sigma):
+  """1 / (2 sigma^2) as (sqrt(1/2) / sigma)^2.
+
+  sigma^2 is a float32 subnormal, flushed to 0 on CPU, from sigma ~ 1e-19 on,
+  where the loss is still representable. (0.5 / sigma / sigma does not help:
+  XLA rewrites it to 0.5 / (sigma * sigma) under jit.)
+  """
+  return jnp.square(0.5**0.5 / sigma)
 
 
 def _nca_forward(q, ql, c, cl, sigma, ex, chunk_size):
-  scale = 0.5 / jnp.square(sigma)
+  scale = _kernel_scale(sigma)
   qq = jnp.sum(q * q, axis=-1)
   cc = jnp.sum(c * c, axis=-1)
   if chunk_size is None:
-    logits, keep, pos = _block_terms(q, qq, ql, ex, c, cc, cl, 0, scale)
-    # Each exp once: e_all and e_pos give both log-sum-exps and D = p - p+.
-    m_all = _safe(jnp.max(jnp.where(keep, logits, -jnp.inf), axis=1))
-    m_pos = _safe(jnp.max(jnp.where(pos, logits, -jnp.inf), axis=1))
-    e_all = jnp.where(keep, jnp.exp(logits - m_all[:, None]), 0.0)
-    e_pos = jnp.where(pos, jnp.exp(logits - m_pos[:, None]), 0.0)
+    d, keep, pos = _block_terms(q, qq, ql, ex, c, cc, cl, 0)
+    d_all, d_pos = _masked_min(d, keep), _masked_min(d, pos)
+    # Each exp once: the weights give both sums and D = p - p+.
+    e_all = _weights(d, d_all, keep, scale)
+    e_pos = _weights(d, d_pos, pos, scale)
     s_all, s_pos = jnp.sum(e_all, axis=1), jnp.sum(e_pos, axis=1)
-    has_pos = s_pos > 0
-    lse_all = jnp.log(s_all) + m_all
-    lse_pos = jnp.log(s_pos) + m_pos
-    inv_all = jnp.where(has_pos, 1.0 / jnp.where(has_pos, s_all, 1.0), 0.0)
-    inv_pos = jnp.where(has_pos, 1.0 / jnp.where(has_pos, s_pos, 1.0), 0.0)
-    d = e_all * inv_all[:, None] - e_pos * inv_pos[:, None]
-    # Row sums of D * a: all the sigma-gradient needs (the logits are not
-    # kept). Rows of D sum to 0 (two distributions subtracted, or D = 0).
-    residuals = (q, c, sigma, d, jnp.sum(d * logits, axis=1))
-    return _loss_from_lse(lse_all, lse_pos), residuals
+    inv_all, inv_pos = _inverse_sums(d_pos, s_all, s_pos)
+    dd = e_all * inv_all[:, None] - e_pos * inv_pos[:, None]
+    # Row sums of D * d: all the sigma-gradient needs (d is not kept).
+    residuals = (q, c, sigma, dd, jnp.sum(dd * d, axis=1))
+    return _loss(d_all, s_all, d_pos, s_pos, scale), residuals
 
   b = q.shape[0]
-  neg_inf = jnp.full((b,), -jnp.inf, q.dtype)
+  inf = jnp.full((b,), jnp.inf, q.dtype)
   zeros = jnp.zeros((b,), q.dtype)
 
   def body(carry, start, c_blk, extras):
     cc_blk, cl_blk = extras
-    m_all, s_all, m_pos, s_pos = carry
-    logits, keep, pos = _block_terms(q, qq, ql, ex, c_blk, cc_blk, cl_blk, start,
-                                     scale)
-    m_all, s_all = online_logsumexp(
-        m_all, s_all, jnp.max(jnp.where(keep, logits, -jnp.inf), axis=1),
-        lambda sh: jnp.sum(jnp.where(keep, jnp.exp(
-            jnp.minimum(logits - sh[:, None], 0.0)), 0.0), axis=1))
-    m_pos, s_pos = online_logsumexp(
-        m_pos, s_pos, jnp.max(jnp.where(pos, logits, -jnp.inf), axis=1),
-        lambda sh: jnp.sum(jnp.where(pos, jnp.exp(
-            jnp.minimum(logits - sh[:, None], 0.0)), 0.0), axis=1))
-    return (m_all, s_all, m_pos, s_pos), None
+    d_all, s_all, d_pos, s_pos = carry
+    d, keep, pos = _block_terms(q, qq, ql, ex, c_blk, cc_blk, cl_blk, start)
+    d_all, s_all = _stream_min_sum(d_all, s_all, d, keep, scale)
+    d_pos, s_pos = _stream_min_sum(d_pos, s_pos, d, pos, scale)
+    return (d_all, s_all, d_pos, s_pos), None
 
-  (m_all, s_all, m_pos, s_pos), _ = scan_chunks(
-      body, (neg_inf, zeros, neg_inf, zeros), c, (cc, cl), chunk_size)
-  safe = lambda m: jnp.where(jnp.isfinite(m), m, 0.0)
-  lse_all = jnp.log(s_all) + safe(m_all)
-  lse_pos = jnp.log(s_pos) + safe(m_pos)
-  return _loss_from_lse(lse_all, lse_pos), (q, ql, c, cl, sigma, ex, lse_all, lse_pos)
+  (d_all, s_all, d_pos, s_pos), _ = scan_chunks(
+      body, (inf, zeros, inf, zeros), c, (cc, cl), chunk_size)
+  inv_all, inv_pos = _inverse_sums(d_pos, s_all, s_pos)
+  residuals = (q, ql, c, cl, sigma, ex, d_all, d_pos, inv_all, inv_pos)
+  return _loss(d_all, s_all, d_pos, s_pos, scale), residuals
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -238,38 +269,38 @@ def _nca_fwd(q, ql, c, cl, sigma, ex, chunk_size):
 
 
 def _nca_bwd(chunk_size, res, g):
-  # a_ij = -s ||q_i - c_j||^2, s = 1 / (2 sigma^2):
+  # a_ij = -s d_ij, s = 1 / (2 sigma^2), D_ij = dL_i/da_ij = p_ij - p+_ij:
   #   da_ij/dq_i = 2s (c_j - q_i),  da_ij/dc_j = 2s (q_i - c_j),
-  #   da_ij/dsigma = -(2 / sigma) a_ij.
+  #   da_ij/dsigma = 2s d_ij / sigma.
   if chunk_size is None:
-    q, c, sigma, d, d_dot_logits = res
-    scale = 0.5 / jnp.square(sigma)
+    q, c, sigma, dd, dd_dot_d = res
+    scale = _kernel_scale(sigma)
     # g scales rows of D: fold it into the (B, d) operands, not the (B, M) one.
     # The -sum_j D_ij q_i term of dq vanishes: rows of D sum to 0.
-    dq = ((2 * scale) * g)[:, None] * (d @ c)
-    dc = 2 * scale * (d.T @ (g[:, None] * q) - (g @ d)[:, None] * c)
-    dsigma = -(2.0 / sigma) * jnp.sum(g * d_dot_logits)
+    dq = ((2 * scale) * g)[:, None] * (dd @ c)
+    dc = 2 * scale * (dd.T @ (g[:, None] * q) - (g @ dd)[:, None] * c)
+    dsigma = jnp.sum(g * dd_dot_d) * scale * (2.0 / sigma)
     return dq, None, dc, None, dsigma.astype(sigma.dtype), None
 
-  q, ql, c, cl, sigma, ex, lse_all, lse_pos = res
-  scale = 0.5 / jnp.square(sigma)
+  q, ql, c, cl, sigma, ex, d_all, d_pos, inv_all, inv_pos = res
+  scale = _kernel_scale(sigma)
   qq = jnp.sum(q * q, axis=-1)
   cc = jnp.sum(c * c, axis=-1)
 
   def body(carry, start, c_blk, extras):
     cc_blk, cl_blk = extras
     dq_acc, ds_acc = carry
-    logits, keep, pos = _block_terms(q, qq, ql, ex, c_blk, cc_blk, cl_blk, start,
-                                     scale)
-    dg = _prob_diff(logits, keep, pos, lse_all, lse_pos) * g[:, None]
+    d, keep, pos = _block_terms(q, qq, ql, ex, c_blk, cc_blk, cl_blk, start)
+    dg = (_weights(d, d_all, keep, scale) * inv_all[:, None]
+          - _weights(d, d_pos, pos, scale) * inv_pos[:, None]) * g[:, None]
     dq_acc = dq_acc + dg @ c_blk  # sum_j D_ij q_i = 0 over all blocks
-    ds_acc = ds_acc + jnp.sum(dg * logits)
+    ds_acc = ds_acc + jnp.sum(dg * d)
     dc_blk = 2 * scale * (dg.T @ q - jnp.sum(dg, axis=0)[:, None] * c_blk)
     return (dq_acc, ds_acc), dc_blk
 
   (dq, dsum), dc = scan_chunks(body, (jnp.zeros_like(q), jnp.zeros((), q.dtype)),
                                c, (cc, cl), chunk_size, out=jnp.zeros_like(c))
-  dsigma = -(2.0 / sigma) * dsum
+  dsigma = dsum * scale * (2.0 / sigma)
   return 2 * scale * dq, None, dc, None, dsigma.astype(sigma.dtype), None
 
 
@@ -291,24 +322,38 @@ def nca_loss(queries: jax.Array, query_labels: jax.Array, centers: jax.Array,
   Equals pytorch-metric-learning's `NCALoss(softmax_scale=1 / (2 sigma^2))`
   with `LpDistance(power=2, normalize_embeddings=False)`, per element.
 
+  Computed as L_i = (d+_i - d_i) / (2 sigma^2) + log S_i - log S+_i, with
+  d_i (d+_i) the smallest distance to a kept (same-class kept) center and
+  S_i = sum_{j != e_i} exp(-(d_ij - d_i) / (2 sigma^2)) (S+_i likewise), so
+  nothing overflows unless the loss does: values are exact to float32
+  distance rounding for every sigma > 0, +inf only where the true loss
+  exceeds the float32 range. Gradients scale like 1 / sigma^2 (1 / sigma^3
+  for sigma) and overflow accordingly.
+
   A query with no same-class center (after exclusion) has an empty numerator;
   its loss is defined as 0 with zero gradient (pytorch-metric-learning drops
   such rows from its mean instead; weigh them out yourself if you average).
+
+  NaN rule: a NaN or inf in q_i, or in any center c_j it is compared with
+  (j != e_i), makes L_i NaN, also when it has no positive, and so any mean
+  over it; gradients then are NaN too. Rows that do not see the bad value
+  are unaffected (a bad query only its own row).
 
   Differentiable in `queries`, `centers` and `sigma` through a custom VJP
   (reverse mode only: `jax.jvp`/`jacfwd` are not supported). jit/vmap-safe.
 
   Args:
-    queries: (B, d) float embeddings f(x_i).
+    queries: (B, d) float embeddings f(x_i), eq. (1).
     query_labels: (B,) int labels l_i.
     centers: (M, d) float impostors c_j (same dtype family as queries).
     center_labels: (M,) int labels l_j.
-    sigma: scalar kernel width > 0 (Python float or traced scalar).
+    sigma: scalar kernel width > 0 of eq. (2) (Python float or traced scalar).
     exclude: optional (B,) int: index in [0, M) of a center each query
       bypasses (its own impostor, the j != i of eq. 4); negative = none.
     chunk_size: optional int; stream over M in blocks of this many centers
       (online log-sum-exp, forward and backward), so memory is
-      O(B * chunk_size) besides the (M, d) inputs and gradient. Same values.
+      O(B * chunk_size) besides the (M, d) inputs and gradient. Same values
+      up to float32 summation order.
 
   Returns:
     (B,) float losses, in the promoted float dtype (at least float32).
