@@ -81,12 +81,18 @@ def validate(config: Any) -> None:
                      "point it at the .pth file or leave it empty to use the cache.")
   for path in ("model.embed_dim", "train.batch_size", "eval.batch_size",
                "input.image_size", "input.resize_size", "optim.learning_rate",
-               "train.log_every_steps", "loss.nca.sigma"):
+               "train.log_every_steps", "loss.nca.sigma", "model.pooling_k",
+               "model.localizer_size", "model.localizer_map_size", "eval.k"):
     _positive(config, path)
   for path in ("train.num_epochs", "optim.weight_decay", "train.checkpoint_every_steps",
-               "train.max_embedding_norm",
-               "impostors.reset_every_epochs"):
+               "train.max_embedding_norm", "impostors.reset_every_epochs",
+               "optim.warmup_steps", "optim.grad_clip_norm",
+               "optim.impostor_lr_multiplier", "input.worker_count"):
     _positive(config, path, allow_zero=True)
+  for path in ("model.localizer_tau", "optim.final_lr_fraction"):
+    value = _get(config, path)
+    if not 0 <= value <= 1:  # NaN fails too
+      raise ValueError(f"config.{path}={value!r} must lie in [0, 1].")
   if config.input.image_size > config.input.resize_size:
     raise ValueError(
         f"config.input.image_size={config.input.image_size} is larger than "

@@ -209,6 +209,12 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
     ("input.image_size", 300, "config.input.image_size"),
     ("optim.schedule", "foo", "config.optim.schedule"),
     ("impostors.policy", "sticky", "config.impostors.policy"),
+    ("model.pooling_k", 0, "config.model.pooling_k=0 must be > 0"),
+    ("model.localizer_tau", 1.5, r"config.model.localizer_tau=1.5 must lie in \[0, 1\]"),
+    ("optim.final_lr_fraction", float("nan"), "config.optim.final_lr_fraction=nan"),
+    ("optim.grad_clip_norm", -1.0, "config.optim.grad_clip_norm=-1.0 must be >= 0"),
+    ("eval.k", 0, "config.eval.k=0"),
+    ("train.max_embedding_norm", -1.0, "config.train.max_embedding_norm"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, field, value, match):
   config = small_config(**{field: value})
