@@ -13,6 +13,8 @@ from fgjax import divergence
 from fgjax import predict
 from fgjax import train
 from fgjax import workdir as workdir_lib
+from test_data import _cfg
+from test_data import _make_folder
 from test_train import small_config
 
 _HEALTHY = {"loss": 2.3, "grad_norm": 4.0, "embedding_norm": 12.0}
@@ -102,38 +104,25 @@ def test_sixteen_bit_grayscale_keeps_its_brightness(tmp_path):
       np.clip(raw.astype(np.float32) / 4000, 0, 1) * 255))
 
 
-def _folder(root, classes=("a", "b", "c")):
-  from PIL import Image
-  rng = np.random.default_rng(0)
-  for c in classes:
-    (root / c).mkdir(parents=True)
-    for n in range(5):
-      Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
-          root / c / f"{n}.png")
-  return root
-
-
 def test_a_class_emptied_by_bad_files_is_refused_by_name(tmp_path):
-  import ml_collections
   from fgjax import data
-  root = _folder(tmp_path / "d")
-  for n in range(5):
-    (root / "b" / f"{n}.png").write_bytes(b"not a png")
-  cfg = ml_collections.ConfigDict({"source": "image_folder", "root": str(root),
-                                   "split": "train:3,val:1,test:1", "seed": 0,
-                                   "holdout_classes": (), "classes_subset": ()})
+  root = _make_folder(tmp_path / "d")
+  for n in range(1, 6):
+    (root / "class_01" / f"{n}.png").write_bytes(b"not a png")
+  cfg = _cfg(root=str(root), split="train:3,val:1,test:1")
   with pytest.warns(RuntimeWarning, match="dropped 5 of 15"), \
-      pytest.raises(ValueError, match=r"class\(es\) \['b'\] \(1\) have no training image "
-                                      r"left after dropping 5 undecodable files"):
+      pytest.raises(ValueError, match=r"class\(es\) \['class_01'\] \(1\) have no "
+                                      r"training image left after dropping 5 "
+                                      r"undecodable files"):
     data.get_splits(cfg)
   cfg.classes_subset = (0, 2)  # the fix the message names
   with pytest.warns(RuntimeWarning, match="dropped 5 of 15"):
-    assert data.get_splits(cfg).class_names == ["a", "c"]
+    assert data.get_splits(cfg).class_names == ["class_00", "class_02"]
 
 
 def test_results_json_lists_the_dropped_files(tmp_path):
-  root = _folder(tmp_path / "d", classes=[f"k{i}" for i in range(4)])
-  (root / "k1" / "3.png").write_bytes(b"truncated")
+  root = _make_folder(tmp_path / "d", num_classes=4)
+  (root / "class_01" / "3.png").write_bytes(b"truncated")
   config = small_config("ce", steps=2, **{"data.source": "image_folder",
                                           "data.root": str(root),
                                           "data.split": "train:0.6,val:0.2,test:0.2",
@@ -141,7 +130,7 @@ def test_results_json_lists_the_dropped_files(tmp_path):
                                           "train.batch_size": 4})
   with pytest.warns(RuntimeWarning, match="dropped 1 of 20"):
     results = train.train_and_evaluate(config, str(tmp_path / "w"))
-  bad = str(root / "k1" / "3.png")
+  bad = str(root / "class_01" / "3.png")
   assert [d.split(": ")[0] for d in results["dropped_files"]] == [bad]
   saved = json.loads((tmp_path / "w" / "results.json").read_text())
   assert saved["dropped_files"] == results["dropped_files"]

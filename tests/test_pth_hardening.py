@@ -157,17 +157,11 @@ def _assert_every_prefix_is_a_clear_error(path, raw: bytes):
     assert str(path) in str(e.value), (n, str(e.value))
 
 
-def test_truncated_legacy_file_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("write", [_legacy_file, _zip_with_storage],
+                         ids=["legacy", "zip"])
+def test_truncated_file_is_a_clear_error(tmp_path, write):
   path = tmp_path / "full.pth"
-  _legacy_file(path, _handmade_state_pickle(_VIEWS))
-  raw = path.read_bytes()
-  assert pretrained.load_pth(path)["c"].tolist() == [4, 5]
-  _assert_every_prefix_is_a_clear_error(tmp_path / "cut.pth", raw)
-
-
-def test_truncated_zip_file_is_a_clear_error(tmp_path):
-  path = tmp_path / "full.pth"
-  _zip_with_storage(path, _handmade_state_pickle(_VIEWS))
+  write(path, _handmade_state_pickle(_VIEWS))
   raw = path.read_bytes()
   assert pretrained.load_pth(path)["c"].tolist() == [4, 5]
   _assert_every_prefix_is_a_clear_error(tmp_path / "cut.pth", raw)
