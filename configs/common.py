@@ -132,6 +132,31 @@ def get_config() -> ml_collections.ConfigDict:
   # source has them) and <workdir>/localization.png (heat maps, boxes).
   c.eval.localization = False
   c.eval.k = 64
+
+  # What the artifact (<workdir>/artifact) carries for serving. engine='onnx-int8'
+  # (fgjax.export.int8) needs activation ranges: calibrated at export on this many
+  # training images, spread over the split (0: no int8 engine). Op types without int8
+  # kernels are refused unless listed here to run in fp32, e.g. ('Sqrt', 'Div').
+  c.export = ml_collections.ConfigDict()
+  c.export.int8_calibration_images = 64
+  c.export.int8_float_ops = ()
+
+  # Sequential early exit (Savchenko 2021; fgjax/early_exit): exit heads on these
+  # backbone outputs (forward order; the last always answers), fitted after training
+  # on the frozen network, thresholds by eq. (4) at `alpha` with `rule` (adaptive:
+  # Benjamini-Hochberg alpha m / M; fixed: alpha), held-out ratio `delta`; results for
+  # every alpha of `alpha_grid`. Empty: no exits. Heads: svm (linear, squared hinge,
+  # the paper's), logreg, rbf (the impostor rule over the stage's features; sigma 0:
+  # chosen by leave-one-out).
+  c.early_exit = ml_collections.ConfigDict()
+  c.early_exit.exits = ()
+  c.early_exit.head = "svm"
+  c.early_exit.alpha = 0.1
+  c.early_exit.rule = "adaptive"
+  c.early_exit.delta = 0.5
+  c.early_exit.alpha_grid = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+  c.early_exit.C = 1.0
+  c.early_exit.sigma = 0.0
   return c
 
 

@@ -9,6 +9,12 @@ Layout (format_version 2):
   variables.msgpack  flax-serialised {'params': ..., 'batch_stats': ...} of the network
   impostors.npz      centers (M, E) float32 + labels (M,) int32, or, when compressed,
                      codes (M, m) uint8 + codebooks + rotation + labels
+  int8_calibration.json  activation ranges of the int8 engine (fgjax.export.int8),
+                     calibrated on the run's training images at export; meta.json
+                     'int8' says on how many, or why the engine was refused
+  early_exit.npz     the exit heads of sequential early exit (fgjax.early_exit), when
+                     trained with config.early_exit.exits; meta.json 'early_exit' has
+                     the exits, head kind, thresholds, alpha and rule
   manifest.json      {'files': {name: {'size', 'sha256'}}} of every file above; written
                      last, so an artifact without it is incomplete
 
@@ -39,8 +45,10 @@ from fgjax.models import nets
 from fgjax.models import xla_cpu
 
 FORMAT_VERSION = 2
-ENGINES = ("jit", "xla", "onnx")
+ENGINES = ("jit", "xla", "onnx", "onnx-int8", "openvino")
 MANIFEST = "manifest.json"
+INT8_FILE = "int8_calibration.json"
+EARLY_EXIT_FILE = "early_exit.npz"
 # Siblings of the artifact directory: the export being written, and the previous
 # artifact while the new one is renamed in.
 _STAGING, _ASIDE = ".partial", ".old"
@@ -53,13 +61,26 @@ class ArtifactError(ValueError):
   """An artifact directory that is incomplete, damaged or inconsistent."""
 
 
+def served_outputs(has_impostors: bool) -> tuple[str, ...]:
+  """The network outputs a served model computes: the embedding for the RBF rule,
+  else the logits."""
+  return ("embedding",) if has_impostors else ("logits",)
+
+
 def export(path: str, *, config, network: nets.Network, class_names: list[str],
            variables: dict[str, Any], impostors: Optional[impostors_lib.ImpostorSet],
-           sigma: float, quantized: tuple[Any, Any] = (None, None)) -> str:
+           sigma: float, quantized: tuple[Any, Any] = (None, None),
+           int8: Optional[dict[str, Any]] = None,
+           early_exit: Optional[dict[str, Any]] = None) -> str:
   """Writes the artifact directory `path` atomically, replacing any previous one.
 
   `quantized` = (ProductQuantizer, codes) stores PQ codes + codebooks instead of the
   float impostors; the loaded model then classifies with ADC distances.
+  `int8` = {'calibration' (fgjax.export.calibrate_int8 of the served outputs),
+  'images', 'float_ops'} enables engine='onnx-int8'; {'refused': why} records why
+  it cannot serve this network. `early_exit` = {'exits', 'kind', 'thresholds',
+  'alpha', 'rule', 'heads'} (fgjax.early_exit.training.fit_for_run) stores the exit
+  heads for `Model.early_exit`.
   """
   path = os.path.normpath(path)  # A trailing '/' would put the siblings inside it.
   _recover(path)
@@ -74,6 +95,17 @@ def export(path: str, *, config, network: nets.Network, class_names: list[str],
       "mean": [float(x) for x in np.ravel(network.spec.mean)],
       "std": [float(x) for x in np.ravel(network.spec.std)],
   }
+  if int8 is not None:
+    meta["int8"] = {k: v for k, v in int8.items() if k != "calibration"}
+    if "calibration" in int8:
+      workdir_lib.write_json(os.path.join(staging, INT8_FILE), int8["calibration"])
+  if early_exit is not None:
+    from fgjax.early_exit import heads as heads_lib  # pylint: disable=g-import-not-at-top
+    meta["early_exit"] = {k: v for k, v in early_exit.items() if k != "heads"}
+    arrays = {}
+    for m, head in enumerate(early_exit["heads"]):
+      arrays.update(heads_lib.to_arrays(head, f"exit{m}"))
+    np.savez(os.path.join(staging, EARLY_EXIT_FILE), **arrays)
   workdir_lib.write_json(os.path.join(staging, "meta.json"), meta)
   workdir_lib.write_json(os.path.join(staging, "config.json"), config.to_dict())
   workdir_lib.write_json(os.path.join(staging, "class_names.json"), list(class_names))
@@ -156,17 +188,23 @@ class Model:
   """A loaded artifact: preprocessing constants, network, impostors, class names.
 
   `engine` picks how the network runs: 'jit' (`jax.jit`, any device), or one of the CPU
-  serving paths of `fgjax.export` - 'xla' (BN folded, fixed batch) or 'onnx' (exported
-  to onnxruntime; needs `onnx` and `onnxruntime`; the fastest on CPU, BENCHMARKS.md).
-  All three run the whole network and give the same predictions up to float error; an
-  engine that cannot serve a network refuses when the model loads, naming the op.
+  serving paths of `fgjax.export` - 'xla' (BN folded, fixed batch), 'onnx' (exported
+  to onnxruntime), 'onnx-int8' (that graph quantised to int8 from the calibration
+  stored at export) or 'openvino' (OpenVINO, an optional extra, at `precision` fp32,
+  bf16 or int8; the fastest on CPU, BENCHMARKS.md section 13). fp32 engines give the
+  same predictions up to float error, bf16 and int8 up to their rounding; an engine
+  that cannot serve a network refuses when the model loads, naming the op.
   An incomplete, damaged or inconsistent artifact raises ArtifactError here, naming
   the file, rather than failing (or answering wrongly) at the first batch.
   """
 
-  def __init__(self, path: str, engine: str = "jit", batch_size: int = 16):
+  def __init__(self, path: str, engine: str = "jit", batch_size: int = 16,
+               precision: str = "fp32"):
     if engine not in ENGINES:
       raise ValueError(f"engine={engine!r} is unknown; use one of {', '.join(ENGINES)}.")
+    if engine != "openvino" and precision != "fp32":
+      raise ValueError(f"precision={precision!r} is for engine='openvino'; engine="
+                       f"{engine!r} has one precision (int8: engine='onnx-int8').")
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
       raise FileNotFoundError(
@@ -201,8 +239,10 @@ class Model:
     self.mean = np.asarray(self.meta["mean"], np.float32)
     self.std = np.asarray(self.meta["std"], np.float32)
     self.engine = engine
+    self.path = path
     self._explain = None
-    keys = ("logits",) if self.impostors is None else ("embedding",)
+    self._sequential = None
+    keys = served_outputs(self.impostors is not None)
     module = self.network.module
     if engine == "jit":
       jitted = xla_cpu.jit(
@@ -210,9 +250,54 @@ class Model:
       self.forward = lambda x: jitted(self.variables, x)
     else:
       from fgjax import export  # pylint: disable=g-import-not-at-top
+      int8 = (self._int8(path) if engine == "onnx-int8" or precision == "int8"
+              else {})
       self.forward = export.make_cpu_predictor(
           module, self.variables, batch_size, outputs=keys, engine=engine,
-          bn_epsilon=self.network.spec.bn_epsilon, image_size=self.meta["image_size"])
+          bn_epsilon=self.network.spec.bn_epsilon, image_size=self.meta["image_size"],
+          int8_calibration=int8.get("calibration"), float_ops=int8.get("float_ops", ()),
+          precision=precision)
+
+  def _int8(self, path: str) -> dict[str, Any]:
+    """{'calibration', 'float_ops'} for engine='onnx-int8', or why there are none."""
+    info = self.meta.get("int8")
+    if info is None or "refused" in info:
+      why = (f"the export refused it: {info['refused']}" if info else
+             "it was exported without (config.export.int8_calibration_images=0, or "
+             "before fgjax had the int8 engine)")
+      raise ArtifactError(
+          f"{path} has no int8 calibration, so int8 engines cannot serve it: "
+          f"{why}. Use engine='onnx' (fp32), or export again with "
+          "--config.export.int8_calibration_images=64 (rerunning launch.py on the "
+          "finished workdir exports without retraining).")
+    return {"calibration": _read_json(path, INT8_FILE),
+            "float_ops": tuple(info.get("float_ops", ()))}
+
+  def early_exit(self, max_batch: int = 32):
+    """The sequential early-exit classifier (fgjax.early_exit.sequential.Sequential)
+    of the exits stored at export; built once, run with jax.jit."""
+    if self._sequential is None:
+      info = self.meta.get("early_exit")
+      if info is None:
+        raise ArtifactError(
+            f"{self.path} has no early exits: train (or rerun launch.py on the finished "
+            "workdir) with --config.early_exit.exits=\"('stage4','stage6','map')\" "
+            "(backbone output names) to fit them.")
+      from fgjax.early_exit import heads as heads_lib  # pylint: disable=g-import-not-at-top
+      from fgjax.early_exit import sequential  # pylint: disable=g-import-not-at-top
+      from fgjax.early_exit import training  # pylint: disable=g-import-not-at-top
+      file = os.path.join(self.path, EARLY_EXIT_FILE)
+      try:
+        with np.load(file) as z:
+          arrays = {k: z[k] for k in z.files}
+        heads = [heads_lib.from_arrays(info["kind"], arrays, f"exit{m}")
+                 for m in range(len(info["exits"]))]
+      except (OSError, ValueError) as e:
+        raise ArtifactError(f"{file} cannot be read ({e}). {_REEXPORT}") from e
+      self._sequential = sequential.Sequential(
+          self.network.module.backbone, training.backbone_variables(self.variables),
+          info["exits"], heads, info["thresholds"], max_batch=max_batch)
+    return self._sequential
 
   def explain(self, images: np.ndarray) -> dict[str, np.ndarray]:
     """Where the network looks: {'heatmap' (N, I, J), 'box' (N, 4) normalised}.

@@ -102,6 +102,8 @@ def validate(config: Any) -> None:
     raise ValueError(f"config.eval.sigma_grid={grid} has a value <= 0; sigmas must be > 0.")
   _validate_loss(config)
   _validate_pq(config)
+  _validate_export(config)
+  _validate_early_exit(config)
   if config.get("init_from"):
     init_from.parse_parts(config.init_from_parts)
     if not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
@@ -138,6 +140,45 @@ def _validate_loss(config: Any) -> None:
                        "in the loss needs a weight > 0 (ELoPE eq. 1 uses 2.0 for "
                        f"'elope'); drop {name!r} from config.loss.terms / extra_terms "
                        "instead.")
+
+
+def _validate_export(config: Any) -> None:
+  if not _has(config, "export"):  # Configs written before the int8 engine.
+    return
+  count = config.export.int8_calibration_images
+  if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    raise ValueError(f"config.export.int8_calibration_images={count!r} must be an int "
+                     ">= 0 (training images to calibrate the int8 engine on; 0: none).")
+  ops = config.export.int8_float_ops
+  if isinstance(ops, str) or not all(isinstance(o, str) and o for o in ops):
+    raise ValueError(f"config.export.int8_float_ops={ops!r} must be a tuple of ONNX op "
+                     "type names, e.g. ('Sqrt', 'Div'), or ().")
+
+
+def _validate_early_exit(config: Any) -> None:
+  if not _has(config, "early_exit") or not config.early_exit.exits:
+    return
+  from fgjax.early_exit import heads  # pylint: disable=g-import-not-at-top
+  from fgjax.early_exit import thresholds  # pylint: disable=g-import-not-at-top
+  cfg = config.early_exit
+  exits = cfg.exits
+  if isinstance(exits, str) or not all(isinstance(e, str) and e for e in exits):
+    raise ValueError(f"config.early_exit.exits={exits!r} must be a tuple of backbone "
+                     "output names, e.g. ('stage4', 'stage6', 'map').")
+  _one_of(config, "early_exit.head", heads.HEADS)
+  _one_of(config, "early_exit.rule", thresholds.RULES)
+  for path in ("early_exit.alpha",):
+    value = _get(config, path)
+    if not 0 <= value <= 1:
+      raise ValueError(f"config.{path}={value!r} must lie in [0, 1].")
+  if any(not 0 <= a <= 1 for a in cfg.alpha_grid):
+    raise ValueError(f"config.early_exit.alpha_grid={tuple(cfg.alpha_grid)} has a "
+                     "value outside [0, 1].")
+  if not 0 < cfg.delta < 1:
+    raise ValueError(f"config.early_exit.delta={cfg.delta!r} must lie in (0, 1): the "
+                     "share of each class's training images that fits the exit heads.")
+  _positive(config, "early_exit.C")
+  _positive(config, "early_exit.sigma", allow_zero=True)
 
 
 def _validate_pq(config: Any) -> None:

@@ -1,11 +1,15 @@
 """Classifies image files with a trained fgjax model.
 
   python -m fgjax.predict --workdir DIR image.jpg [more images or folders] [--json]
-  fgjax-predict --artifact DIR photos/ --reject_entropy 2.5 --engine onnx
+  fgjax-predict --artifact DIR photos/ --reject_entropy 2.5 --engine onnx-int8
 
 Prints, per image, the top-k classes with probabilities, the entropy of the predicted
 distribution (paper section 4.2) and "unknown" when the entropy is above
-`--reject_entropy`. Unreadable images are reported per file and do not stop the others.
+`--reject_entropy`. With `--early_exit` (an artifact trained with
+config.early_exit.exits) the backbone runs segment by segment and stops at the first
+exit confident enough (fgjax.early_exit): it prints the exit that answered and the
+exit head's top-k scores. Unreadable images are reported per file and do not stop the
+others.
 `--workdir` reads `<workdir>/artifact`, which training writes at the end.
 """
 
@@ -32,12 +36,21 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON document instead of tex
 _REJECT = flags.DEFINE_float("reject_entropy", None,
                              "Predict 'unknown' above this entropy (nats).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per forward pass.")
+_EARLY_EXIT = flags.DEFINE_bool(
+    "early_exit", False, "Sequential early-exit inference with the artifact's exit "
+    "heads and thresholds (jax.jit; reports which exit answered each image).")
 _EXPLAIN = flags.DEFINE_string(
     "explain", None, "Write PNG grids of the images with the network's heat map and box "
     "(ELoPE's localization) into this directory.")
 _ENGINE = flags.DEFINE_enum(
     "engine", "jit", artifact.ENGINES, "Backbone engine: jit (any device), xla (CPU: "
-    "BN folded, fixed batch) or onnx (CPU, onnxruntime; pip install onnx onnxruntime).")
+    "BN folded, fixed batch), onnx (CPU, onnxruntime, fp32) or onnx-int8 (CPU, the "
+    "onnx graph quantised to int8 from the calibration stored at export) or openvino "
+    "(CPU, OpenVINO at --precision; pip install 'fgjax[openvino]').")
+_PRECISION = flags.DEFINE_enum(
+    "precision", "fp32", ("fp32", "bf16", "int8"),
+    "Arithmetic of --engine=openvino: fp32 (default), bf16 (CPUs with bf16) or int8 "
+    "(the artifact's int8 calibration).")
 
 
 def expand_paths(paths: Iterable[str]) -> list[str]:
@@ -70,7 +83,8 @@ def _check_options(topk: int, reject_entropy: Optional[float], batch_size: int) 
 
 def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
                   reject_entropy: Optional[float] = None, batch_size: int = 16,
-                  explain_dir: Optional[str] = None) -> list[dict[str, Any]]:
+                  explain_dir: Optional[str] = None,
+                  early_exit: bool = False) -> list[dict[str, Any]]:
   """One result dict per path: {'path', 'top': [(class, prob)], 'entropy', 'unknown'}
   or {'path', 'error'} for a file that could not be read.
 
@@ -78,8 +92,17 @@ def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
   map and box (ELoPE: the localization module's, else the channel mean of the last
   conv map) to <explain_dir>/explain_<k>.png, and add 'box' and 'explained' to each
   result.
+  early_exit: classify by sequential early exit; each result is {'path', 'exit' (the
+  backbone output whose head answered), 'top': [{'class', 'index', 'score'}]} (exit
+  heads' scores, e.g. SVM decision values, are not probabilities).
   """
   _check_options(topk, reject_entropy, batch_size)
+  if early_exit and reject_entropy is not None:
+    raise ValueError("--reject_entropy needs class probabilities; --early_exit reports "
+                     "exit head scores instead. Use one of the two.")
+  if early_exit:
+    sequential = model.early_exit(max_batch=batch_size)
+    exit_names = model.meta["early_exit"]["exits"]
   size, resize = model.meta["image_size"], model.meta["resize_size"]
   results: list[Optional[dict[str, Any]]] = [None] * len(paths)
   pending: list[tuple[int, np.ndarray]] = []
@@ -101,6 +124,17 @@ def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
       return
     images = transforms.normalize(np.stack([im for _, im in pending]), model.mean,
                                   model.std)
+    if early_exit:
+      out = sequential(images)
+      for (i, _), scores, at in zip(pending, out["scores"], out["exit"]):
+        order = np.argsort(-scores, kind="stable")[:topk]
+        results[i] = {"path": paths[i], "exit": exit_names[int(at)], "top": [
+            {"class": model.class_names[j], "index": int(j), "score": float(scores[j])}
+            for j in order]}
+      if explain_dir:
+        explain(images, list(pending))
+      pending.clear()
+      return
     log_probs = model.log_probs(images)
     for (i, _), lp in zip(pending, log_probs):
       probs = np.exp(lp.astype(np.float64))
@@ -134,6 +168,9 @@ def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
 def _format(r: dict[str, Any]) -> str:
   if "error" in r:
     return f"{r['path']}: ERROR {r['error']}"
+  if "exit" in r:
+    return "\n".join([f"{r['path']}: answered at exit {r['exit']}"] + [
+        f"  {t['score']:.4f}  {t['class']}" for t in r["top"]])
   head = f"{r['path']}: entropy {r['entropy']:.3f}" + ("  -> unknown" if r["unknown"] else "")
   lines = [head] + [f"  {t['prob']:.4f}  {t['class']}" for t in r["top"]]
   return "\n".join(lines)
@@ -147,11 +184,15 @@ def main(argv):
     raise app.UsageError("Give exactly one of --workdir or --artifact.")
   path = _ARTIFACT.value or os.path.join(_WORKDIR.value, "artifact")
   try:
-    model = artifact.Model(path, engine=_ENGINE.value, batch_size=_BATCH.value)
-  except artifact.ArtifactError as e:  # Damaged or incomplete: the message is the fix.
+    model = artifact.Model(path, engine=_ENGINE.value, batch_size=_BATCH.value,
+                           precision=_PRECISION.value)
+  # Damaged or incomplete, an engine that refuses the network or is not installed:
+  # the message is the fix.
+  except (ValueError, ImportError) as e:
     sys.exit(f"fgjax.predict: {e}")
   results = predict_files(model, paths, topk=_TOPK.value, reject_entropy=_REJECT.value,
-                          batch_size=_BATCH.value, explain_dir=_EXPLAIN.value)
+                          batch_size=_BATCH.value, explain_dir=_EXPLAIN.value,
+                          early_exit=_EARLY_EXIT.value)
   if _JSON.value:
     print(json.dumps({"model": path, "results": results}, indent=2))
   else:

@@ -105,11 +105,18 @@ class SplitOutputs:
     order = np.argsort(out["index"], kind="stable")
     return {k: v[order] for k, v in out.items()}
 
-  def images(self, split: str, count: int) -> dict[str, np.ndarray]:
-    """The first `count` examples of `split` as the network sees them in evaluation:
-    'image' (normalised NHWC), 'label', and 'true_box' where the source has boxes."""
+  def images(self, split: str, count: int, spread: bool = False) -> dict[str, np.ndarray]:
+    """`count` examples of `split` as the network sees them in evaluation: 'image'
+    (normalised NHWC), 'label', and 'true_box' where the source has boxes.
+
+    The first `count`, or with `spread` `count` evenly spaced over the split (sources
+    list a class's images together, so the first ones show few classes).
+    """
+    source = self.source(split)
+    if spread and count < len(source):
+      source = _Rows(source, np.linspace(0, len(source) - 1, count).round())
     out: dict[str, list] = {}
-    for batch in self._iterator(self.source(split), train=False):
+    for batch in self._iterator(source, train=False):
       keep = batch["valid"].astype(bool)
       for k, v in batch.items():
         out.setdefault(k, []).append(np.asarray(v)[keep])
@@ -142,6 +149,17 @@ class SplitOutputs:
     for split in SPLITS:
       if self.has(split):
         self.backbone_features(split)
+
+  def mapped(self, fn: Callable[[Any, jax.Array], dict[str, jax.Array]], variables,
+             split: str) -> dict[str, np.ndarray]:
+    """fn(variables, images) -> {key: (B, ...)} over every example of `split` in
+    evaluation (jitted once per `fn`, batches as in `outputs`), with 'label' and
+    'index', in index order: for outputs the network does not name, e.g. the pooled
+    stage features of early exits (fgjax.early_exit.fit)."""
+    if ("mapped", fn) not in self._forwards:
+      self._forwards["mapped", fn] = xla_cpu.jit(
+          fn, out_shardings=parallel.replicated(self.mesh))
+    return self._image_outputs(self._forwards["mapped", fn], variables, split)
 
   def outputs(self, variables, split: str, keys: Sequence[str],
               from_images: bool = False) -> dict[str, np.ndarray]:
@@ -192,3 +210,17 @@ def per_split(outputs: SplitOutputs, variables, keys: Sequence[str],
               splits: Sequence[str] = ("val", "test")) -> dict[str, dict[str, np.ndarray]]:
   """{split: outputs} for the non-empty ones of `splits`."""
   return {s: outputs.outputs(variables, s, keys) for s in splits if outputs.has(s)}
+
+
+class _Rows:
+  """The records of `source` at `rows`, as a source (for the data pipeline)."""
+
+  def __init__(self, source: Any, rows: np.ndarray):
+    self.source, self.rows = source, np.asarray(rows, np.int64)
+    self.has_boxes = bool(getattr(source, "has_boxes", False))
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self.source[int(self.rows[i])]

@@ -337,6 +337,30 @@ def _localization(run: Run, variables, workdir: str) -> dict[str, Any]:
   return report
 
 
+def _int8_calibration(run: Run, variables, has_impostors: bool
+                      ) -> Optional[dict[str, Any]]:
+  """What the artifact keeps for engine='onnx-int8' (config.export): the ranges from
+  the run's own training images, or why the engine refuses this network. A refusal
+  is recorded, never raised: the trained network and its results are still exported."""
+  export_config = run.config.get("export") or {}
+  count = int(export_config.get("int8_calibration_images", 0))
+  if not count:
+    return None
+  float_ops = tuple(export_config.get("int8_float_ops", ()))
+  from fgjax import export  # pylint: disable=g-import-not-at-top
+  images = run.outputs.images("train", count, spread=True)["image"]
+  try:
+    calibration = export.calibrate_int8(
+        run.network.module, variables, images=images,
+        outputs=artifact.served_outputs(has_impostors),
+        bn_epsilon=run.network.spec.bn_epsilon, float_ops=float_ops)
+  except (export.Int8Error, export.OnnxExportError, ImportError) as e:
+    logging.warning("No int8 engine in the artifact: %s", e)
+    return {"refused": str(e)}
+  return {"calibration": calibration, "images": int(len(images)),
+          "float_ops": list(float_ops)}
+
+
 def _git_commit() -> Optional[str]:
   try:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -390,12 +414,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       # table can say what it was computed without.
       "dropped_files": list(run.splits.train.bad_files),
       "impostor_scale": None if scale is None else float(parallel.to_host(scale))})
+  early_exit = None
+  if (config.get("early_exit") or {}).get("exits"):
+    from fgjax.early_exit import training as early_exit_lib  # pylint: disable=g-import-not-at-top
+    results["early_exit"], early_exit = early_exit_lib.fit_for_run(run, state.variables())
   if is_writer:
+    int8 = _int8_calibration(run, state.variables(), state.impostors is not None)
+    if int8 is not None:
+      results["int8"] = {k: v for k, v in int8.items() if k != "calibration"}
     artifact.export(
         os.path.join(workdir, "artifact"), config=config, network=run.network,
         class_names=list(run.splits.class_names), variables=state.variables(),
         impostors=None if state.impostors is None else parallel.to_host(state.impostors),
-        sigma=results["sigma"], quantized=quantized)
+        sigma=results["sigma"], quantized=quantized, int8=int8, early_exit=early_exit)
     # Last: results.json marks a finished run (benchmarks skip such workdirs), so it
     # must not exist before the artifact does.
     workdir_lib.write_json(os.path.join(workdir, "results.json"), results)

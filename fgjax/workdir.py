@@ -29,8 +29,9 @@ METRICS_FILE = "metrics.jsonl"
 # cosine schedule decays over the total number of steps.
 HARMLESS = ("train.log_every_steps", "train.checkpoint_every_steps",
             "train.max_embedding_norm",
-            "train.feature_cache_dir", "input.worker_count", "eval.", "num_devices",
-            "distributed")
+            "train.feature_cache_dir", "input.worker_count", "eval.", "export.",
+            "early_exit.",
+            "num_devices", "distributed")
 _LENGTH = ("train.num_epochs", "train.num_steps")
 
 

@@ -1,5 +1,6 @@
 """The exported artifact and the predict CLI, on a briefly trained digits model."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -45,11 +46,10 @@ def test_artifact_reproduces_test_accuracy(trained):
   assert top1 == pytest.approx(results["splits"]["test"]["rbf"]["top1"], abs=1e-9)
 
 
-@pytest.mark.parametrize("engine", ["xla", "onnx"])
+@pytest.mark.parametrize("engine", ["xla", "onnx", "openvino"])
 def test_cpu_engines_give_the_same_predictions(trained, engine):
-  if engine == "onnx":
-    pytest.importorskip("onnx", reason="engine='onnx' needs the onnx package")
-    pytest.importorskip("onnxruntime", reason="engine='onnx' needs onnxruntime")
+  if engine == "openvino":
+    pytest.importorskip("openvino", reason="engine='openvino' needs openvino")
   config, workdir, _ = trained
   test = data.get_splits(config.data).test
   images = np.stack([transforms.eval_transform(test[i]["image"], image_size=8,
@@ -62,6 +62,53 @@ def test_cpu_engines_give_the_same_predictions(trained, engine):
   got = fast.log_probs(x)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+
+
+def test_int8_engine_serves_what_training_calibrated(trained):
+  config, workdir, results = trained
+  assert results["int8"] == {"images": 64, "float_ops": []}
+  test = data.get_splits(config.data).test
+  images = np.stack([transforms.eval_transform(test[i]["image"], image_size=8,
+                                               resize_size=8) for i in range(len(test))])
+  reference = artifact.Model(str(workdir / "artifact"))
+  x = transforms.normalize(images, reference.mean, reference.std)
+  expected = reference.log_probs(x)
+  got = artifact.Model(str(workdir / "artifact"), engine="onnx-int8",
+                       batch_size=8).log_probs(x)
+  np.testing.assert_allclose(np.exp(got).sum(1), 1.0, rtol=1e-5)
+  assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.98
+  assert 0 < np.abs(np.exp(got) - np.exp(expected)).max() < 0.1
+  with pytest.raises(ValueError, match="precision='int8' is for engine='openvino'"):
+    artifact.Model(str(workdir / "artifact"), precision="int8")
+  if importlib.util.find_spec("openvino"):
+    # OpenVINO runs the same stored calibration's int8 graph.
+    vino = artifact.Model(str(workdir / "artifact"), engine="openvino",
+                          precision="int8", batch_size=8).log_probs(x)
+    assert (vino.argmax(1) == expected.argmax(1)).mean() >= 0.98
+    assert np.abs(np.exp(vino) - np.exp(got)).max() < 0.05
+
+
+def test_int8_engine_needs_a_calibrated_artifact(trained, tmp_path):
+  _, workdir, _ = trained
+  model = artifact.Model(str(workdir / "artifact"))
+  parts = dict(config=model_config(workdir), network=model.network,
+               class_names=model.class_names, variables=model.variables,
+               impostors=model.impostors, sigma=model.sigma)
+  artifact.export(str(tmp_path / "plain"), **parts)
+  with pytest.raises(artifact.ArtifactError,
+                     match="no int8 calibration.*int8_calibration_images=0.*"
+                     "engine='onnx'"):
+    artifact.Model(str(tmp_path / "plain"), engine="onnx-int8")
+  artifact.export(str(tmp_path / "refused"), **parts,
+                  int8={"refused": "no int8 kernel for op type(s) Erf"})
+  with pytest.raises(artifact.ArtifactError, match="the export refused it: no int8 "
+                     "kernel for op type.s. Erf"):
+    artifact.Model(str(tmp_path / "refused"), engine="onnx-int8")
+
+
+def model_config(workdir):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
 
 
 def test_unknown_engine(trained):
@@ -102,12 +149,19 @@ def test_cli_json(trained, tmp_path):
   (folder / "notes.txt").write_text("not an image")
   proc = subprocess.run(
       [sys.executable, "-m", "fgjax.predict", f"--workdir={workdir}", "--json",
-       "--engine=xla", str(folder)], capture_output=True, text=True, cwd=REPO, timeout=300,
-      env=dict(os.environ, XLA_FLAGS=""))
+       "--engine=onnx-int8", str(folder)], capture_output=True, text=True, cwd=REPO,
+      timeout=300, env=dict(os.environ, XLA_FLAGS=""))
   assert proc.returncode == 0, proc.stderr[-2000:]
   doc = json.loads(proc.stdout)
   assert [os.path.basename(r["path"]) for r in doc["results"]] == ["a.png"]
   assert len(doc["results"][0]["top"]) == 5
+  model = artifact.Model(str(workdir / "artifact"), engine="onnx-int8")
+  image = transforms.eval_transform(test[0]["image"], image_size=8, resize_size=8)
+  want = np.exp(model.log_probs(transforms.normalize(image[None], model.mean,
+                                                     model.std)))[0]
+  assert doc["results"][0]["top"][0]["index"] == int(want.argmax())
+  assert doc["results"][0]["top"][0]["prob"] == pytest.approx(float(want.max()),
+                                                              rel=1e-5)
 
 
 def test_not_an_artifact(tmp_path):

@@ -15,11 +15,15 @@ networks paper, sections 1 and 4.1). `make_cpu_predictor` serves any registered 
   feats = fgjax.export.make_cpu_predictor(spec, outputs=('pooled',))(images)['pooled']
 
 Engines: 'xla' (fgjax.export.xla_predictor: XLA:CPU, BN folded, depthwise as shifted
-multiply-adds; serves every network) and 'onnx' (fgjax.export.onnx: the network
+multiply-adds; serves every network), 'onnx' (fgjax.export.onnx: the network
 translated to ONNX and run by onnxruntime; on a 2-core CPU 1.6-2.4x faster than 'xla'
-for EfficientNet-Lite0 / SqueezeNet, BENCHMARKS.md section 3). A network the ONNX
-translation cannot express is refused when the predictor is built (`OnnxExportError`,
-naming the primitive), never silently served another way.
+for EfficientNet-Lite0 / SqueezeNet, BENCHMARKS.md section 3) and 'onnx-int8'
+(fgjax.export.int8: that graph statically quantised to int8 from a stored calibration,
+`calibrate_int8`; BENCHMARKS.md section 13) and 'openvino' (fgjax.export.openvino: the
+fp32 graph, or the int8 one, run by OpenVINO at an explicit `precision` - fp32, bf16 or
+int8; an optional extra, the fastest here). A network an engine cannot express is
+refused when the predictor is built (`OnnxExportError` naming the primitive,
+`Int8Error` naming the op types), never silently served another way.
 
 Both engines compile for a fixed batch size and run inputs in chunks of it, the last
 one zero-padded, so any N works without recompiling.
@@ -33,19 +37,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgjax.export import int8 as int8_lib
 from fgjax.export import onnx as onnx_lib
+from fgjax.export import openvino as openvino_lib
 from fgjax.export import xla_predictor
 from fgjax.export._common import output_names
 from fgjax.export._common import select_outputs
+from fgjax.export.int8 import Int8Error
 from fgjax.export.onnx import OnnxExportError
 from fgjax.export.onnx import to_onnx
 from fgjax.export.onnx import UnsupportedPrimitive
 from fgjax.models import layers
 
-__all__ = ["ENGINES", "OnnxExportError", "UnsupportedPrimitive", "fold",
-           "make_cpu_predictor", "to_onnx"]
+__all__ = ["ENGINES", "Int8Error", "OnnxExportError", "UnsupportedPrimitive",
+           "calibrate_int8", "fold", "make_cpu_predictor", "to_onnx"]
 
-ENGINES = ("xla", "onnx")
+ENGINES = ("xla", "onnx", "onnx-int8", "openvino")
 # Spatial size the ONNX export is checked at when no image_size (or spec) gives one.
 _PROBE_SIZE = 224
 
@@ -167,7 +174,9 @@ def make_cpu_predictor(module: Any, variables: Optional[dict[str, Any]] = None,
                        batch_size: int = 32, *, outputs: Union[str, Sequence[str]],
                        bn_epsilon: Optional[float] = None, engine: str = "xla",
                        device: Optional[jax.Device] = None,
-                       image_size: Union[None, int, tuple[int, int]] = None
+                       image_size: Union[None, int, tuple[int, int]] = None,
+                       int8_calibration: Optional[dict[str, Any]] = None,
+                       float_ops: Sequence[str] = (), precision: str = "fp32"
                        ) -> Callable[[Any], dict[str, np.ndarray]]:
   """Returns predict(images) -> {name: np.ndarray} running `module` in eval mode on CPU.
 
@@ -182,13 +191,20 @@ def make_cpu_predictor(module: Any, variables: Optional[dict[str, Any]] = None,
     outputs: names of the module's outputs to return, e.g. ('embedding', 'logits')
       or ('pooled',); only these are computed.
     bn_epsilon: BN epsilon for folding (spec.bn_epsilon); defaults to the spec's.
-    engine: 'xla' (XLA:CPU on `device`) or 'onnx' (onnxruntime on the host CPU, needs
-      `onnx` + `onnxruntime`; no `device`).
+    engine: 'xla' (XLA:CPU on `device`), 'onnx' (onnxruntime on the host CPU; no
+      `device`), 'onnx-int8' (the same graph quantised from `int8_calibration`) or
+      'openvino' (OpenVINO at `precision`).
     device: for 'xla': where to run; default the first CPU device.
     image_size: input side (int or (H, W)) to build for now: 'xla' compiles it, 'onnx'
       exports it. Other sizes are built on first use. Without it 'onnx' still exports
       once now, at the spec's input size (224 for a plain module), to refuse what it
       cannot serve here rather than at the first call.
+    int8_calibration: for 'onnx-int8' and 'openvino' at precision 'int8': the ranges
+      from `calibrate_int8` (an artifact stores them); required there, refused
+      elsewhere.
+    float_ops: with int8: op types without int8 kernels the user accepts in fp32
+      (fgjax.export.int8.check_ops names them when it refuses).
+    precision: for 'openvino': 'fp32' (default), 'bf16' or 'int8'.
 
   Returns:
     predict(images): images (N, H, W, 3) float, normalised like spec.mean / spec.std
@@ -198,6 +214,8 @@ def make_cpu_predictor(module: Any, variables: Optional[dict[str, Any]] = None,
     OnnxExportError (a ValueError): engine='onnx' and the network needs a primitive
       the ONNX translation has no rule for; the message names the network, the
       primitive and the fallback engine='xla'.
+    Int8Error (a ValueError): engine='onnx-int8' and the graph has op types without
+      int8 kernels not listed in `float_ops`, or the calibration does not fit it.
   """
   if engine not in ENGINES:
     raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got "
@@ -206,9 +224,18 @@ def make_cpu_predictor(module: Any, variables: Optional[dict[str, Any]] = None,
       or batch_size < 1:
     raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
   batch_size = int(batch_size)
-  if engine == "onnx" and device is not None:
-    raise ValueError("engine='onnx' runs on the host CPU through onnxruntime; leave "
-                     "device=None, or use engine='xla' to pick a device.")
+  if engine != "xla" and device is not None:
+    raise ValueError(f"engine={engine!r} runs on the host CPU through onnxruntime; "
+                     "leave device=None, or use engine='xla' to pick a device.")
+  if engine != "openvino" and precision != "fp32":
+    raise ValueError(f"precision={precision!r} is a parameter of engine='openvino'; "
+                     f"engine={engine!r} has one precision (use 'onnx-int8' for int8).")
+  int8 = engine == "onnx-int8" or (engine == "openvino" and precision == "int8")
+  if int8 != (int8_calibration is not None):
+    raise ValueError(f"engine={engine!r} at precision {precision!r} needs "
+                     "int8_calibration (from calibrate_int8 or an artifact)." if int8
+                     else f"int8_calibration is for int8 engines ('onnx-int8', "
+                     f"'openvino' at precision 'int8'), not {engine!r} at {precision!r}.")
   names = output_names(outputs)
   module, variables, bn_epsilon, spec_size = _resolve(module, variables, bn_epsilon)
   if isinstance(image_size, (int, np.integer)):
@@ -217,7 +244,7 @@ def make_cpu_predictor(module: Any, variables: Optional[dict[str, Any]] = None,
   who = _describe(module)
   if foldable(module):
     module, variables = fold(module, variables, bn_epsilon,
-                             conv_impl="lax" if engine == "onnx" else "shifted")
+                             conv_impl="shifted" if engine == "xla" else "lax")
   else:
     variables = jax.tree.map(jnp.asarray, dict(variables))
 
@@ -229,6 +256,14 @@ def make_cpu_predictor(module: Any, variables: Optional[dict[str, Any]] = None,
           module.apply(v, x, train=False), names, who), variables, probe)
     forward = xla_predictor.make_forward(module, variables, batch_size, names, device,
                                          hw)
+  elif engine == "onnx-int8":
+    forward = int8_lib.make_forward(module, variables, batch_size, names,
+                                    hw or (spec_size or _PROBE_SIZE,) * 2,
+                                    int8_calibration, float_ops)
+  elif engine == "openvino":
+    forward = openvino_lib.make_forward(module, variables, batch_size, names,
+                                        hw or (spec_size or _PROBE_SIZE,) * 2,
+                                        precision, int8_calibration, float_ops)
   else:
     probe_hw = hw or (spec_size or _PROBE_SIZE,) * 2
     try:
@@ -238,3 +273,28 @@ def make_cpu_predictor(module: Any, variables: Optional[dict[str, Any]] = None,
           f"engine='onnx' cannot serve {who}: {e} Use engine='xla' (XLA:CPU, serves "
           "every network), or engine='jit' for a fgjax.artifact.Model.") from e
   return chunked(forward, batch_size, names)
+
+
+def calibrate_int8(module: Any, variables: Optional[dict[str, Any]] = None, *,
+                   images: Any, outputs: Union[str, Sequence[str]],
+                   bn_epsilon: Optional[float] = None,
+                   float_ops: Sequence[str] = ()) -> dict[str, Any]:
+  """The int8 calibration of a network for engine='onnx-int8', from `images`.
+
+  Args:
+    module, variables, bn_epsilon: as for make_cpu_predictor (folded here).
+    images: (N, H, W, 3) float, normalised as in evaluation: the images whose
+      activation ranges the int8 graph keeps (training exports use the run's own
+      training images, fgjax.train).
+    outputs: the outputs the predictor will return, e.g. ('embedding',).
+    float_ops: op types accepted in fp32 (see fgjax.export.int8.check_ops).
+
+  Returns:
+    A JSON-able dict (onnxruntime's calibration cache) for make_cpu_predictor's
+    `int8_calibration`; deterministic for given images.
+  """
+  module, variables, bn_epsilon, _ = _resolve(module, variables, bn_epsilon)
+  if foldable(module):
+    module, variables = fold(module, variables, bn_epsilon, conv_impl="lax")
+  return int8_lib.calibrate(module, variables, check_images(images),
+                            output_names(outputs), float_ops)

@@ -1,0 +1,25 @@
+"""cars196, sequential early exit on EfficientNet-Lite0 (Savchenko 2021).
+
+The ConvNet baseline trained head-only on the frozen ImageNet backbone (learning rate
+1e-3, chosen on val, BENCHMARKS.md section 13), then exit heads after 'stage4',
+'stage6' and the last conv map 'map' (two intermediate layers plus the penultimate
+one, as the paper does): global average pooling, l2-normalisation, a linear SVM
+(squared hinge), thresholds by eq. (4) with the Benjamini-Hochberg alpha_m = alpha m / M
+at alpha 0.1, fitted on half of each class's training images.
+
+Run:
+  python launch.py --config=configs/cars196_early_exit.py --workdir=workdirs/cars196_ee
+  python -m fgjax.predict --workdir=workdirs/cars196_ee --early_exit photos/
+
+Result: (filled in below after the first run)
+"""
+
+from configs import common
+
+
+def get_config():
+  c = common.birds525("ce", learning_rate=1e-3)
+  c.data.source = "cars196"
+  c.early_exit.exits = ("stage4", "stage6", "map")
+  c.early_exit.head = "svm"
+  return c

@@ -1,0 +1,137 @@
+"""Sequential early-exit inference that skips the work after the exit (Savchenko 2021).
+
+The backbone runs segment by segment (fgjax.models.segments: `start=` the previous
+exit's output, `stop=` this exit's): segment m computes its stage map, the exit branch
+(global average pooling, l2-normalisation, the exit's classifier, heads.scores) and
+hands the map to segment m + 1 only for the images that did not exit. An image exits
+at the first m whose top score exceeds the threshold s_m (eq. 3); the last exit always
+answers. Nothing past an image's exit runs for it:
+
+  seq = Sequential(backbone, backbone_variables, exits=('stage4', 'stage6', 'map'),
+                   heads=heads, thresholds=s)
+  out = seq(images)   # {'label' (N,), 'exit' (N,) exit index, 'score' (N,),
+                      #  'scores' (N, C) of the answering exit}
+
+Batches are compacted: the images still running after exit m continue as a smaller
+batch, padded up to the next bucket size (1, 2, 4, ..., max_batch), so each segment
+compiles once per bucket and serving never recompiles (`warm_up` compiles them all
+ahead of traffic). `calls` counts segment runs per exit: the test that nothing past an
+exit runs reads it.
+"""
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgjax.early_exit import heads as heads_lib
+from fgjax.models import xla_cpu
+
+
+def exit_features(stage_map: jax.Array) -> jax.Array:
+  """(N, H, W, C) stage output -> (N, C) GAP + l2-normalised exit feature (the paper's
+  exit branch); a 2-D input (already pooled, e.g. 'pooled') is only normalised."""
+  x = stage_map if stage_map.ndim == 2 else jnp.mean(stage_map, axis=(1, 2))
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def buckets(max_batch: int) -> tuple[int, ...]:
+  """Powers of two below `max_batch`, then `max_batch`: the compiled batch sizes."""
+  if max_batch < 1:
+    raise ValueError(f"max_batch={max_batch} must be >= 1.")
+  sizes = []
+  size = 1
+  while size < max_batch:
+    sizes.append(size)
+    size *= 2
+  return tuple(sizes) + (max_batch,)
+
+
+class Sequential:
+  """Segment-by-segment inference with per-exit thresholds (see the module doc).
+
+  Args:
+    backbone: a registry backbone module (called with start= / stop=).
+    variables: its {'params', 'batch_stats'}.
+    exits: M backbone output names in forward order (e.g. stage names and 'map').
+    heads: M heads (fgjax.early_exit.heads.ExitHead), one per exit.
+    thresholds: (M,) s_m; the last is ignored (the last exit always answers). The
+      attribute may be replaced (e.g. to sweep alpha): nothing recompiles.
+    max_batch: the largest compiled batch; larger inputs run in chunks of it.
+  """
+
+  def __init__(self, backbone: Any, variables: dict[str, Any], exits: Sequence[str],
+               heads: Sequence[heads_lib.ExitHead], thresholds: Any,
+               max_batch: int = 32):
+    exits = tuple(exits)
+    thresholds = np.asarray(thresholds, np.float64).reshape(-1)
+    if not exits or len(heads) != len(exits) or len(thresholds) != len(exits):
+      raise ValueError(f"need one head and one threshold per exit: {len(exits)} exits, "
+                       f"{len(heads)} heads, {len(thresholds)} thresholds.")
+    if len(set(exits)) != len(exits):
+      raise ValueError(f"exits {exits} name a backbone output twice.")
+    self.exits, self.thresholds = exits, thresholds
+    self.buckets = buckets(max_batch)
+    self.calls = [0] * len(exits)
+    self._variables = variables
+    self._segments = []
+    for m, name in enumerate(exits):
+      # The head's arrays are compile-time constants of its segment: serving never
+      # changes them.
+      def segment(v, x, start=exits[m - 1] if m else None, stop=name, head=heads[m]):
+        stage = backbone.apply(v, x, train=False, start=start, stop=stop)[stop]
+        return stage, heads_lib.scores(head, exit_features(stage))
+      self._segments.append(xla_cpu.jit(segment))
+
+  def _run(self, m: int, x: np.ndarray) -> tuple[Any, np.ndarray]:
+    """Segment m on x (n, ...), padded to its bucket; (stage (n, ...), scores (n, C))."""
+    n = x.shape[0]
+    size = next(b for b in self.buckets if b >= n)
+    if size > n:
+      x = jnp.concatenate([x, jnp.zeros((size - n,) + x.shape[1:], x.dtype)])
+    self.calls[m] += 1
+    stage, scores = self._segments[m](self._variables, x)
+    return stage[:n], np.asarray(scores[:n])
+
+  def warm_up(self, image_shape: tuple[int, int, int]) -> None:
+    """Compiles every (segment, bucket) for images of `image_shape` (H, W, 3) now."""
+    for size in self.buckets:
+      x = jnp.zeros((size,) + tuple(image_shape), jnp.float32)
+      for m in range(len(self.exits)):
+        x, _ = self._segments[m](self._variables, x)
+    self.calls = [0] * len(self.exits)
+
+  def __call__(self, images: Any) -> dict[str, np.ndarray]:
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or not len(images):
+      raise ValueError(f"early-exit inference expects (N >= 1, H, W, C) images, got "
+                       f"{images.shape}.")
+    step = self.buckets[-1]
+    parts = [self._chunk(images[i:i + step]) for i in range(0, len(images), step)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def _chunk(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    n = len(images)
+    out: dict[str, Optional[np.ndarray]] = {
+        "exit": np.zeros(n, np.int32), "label": np.zeros(n, np.int32),
+        "score": np.zeros(n, np.float32), "scores": None}
+    alive = np.arange(n)
+    x = jnp.asarray(images)
+    last = len(self.exits) - 1
+    for m in range(len(self.exits)):
+      stage, scores = self._run(m, x)
+      if out["scores"] is None:
+        out["scores"] = np.zeros((n, scores.shape[1]), np.float32)
+      top = scores.max(axis=1)
+      done = np.ones(len(alive), bool) if m == last else top > self.thresholds[m]
+      rows = alive[done]
+      out["exit"][rows] = m
+      out["label"][rows] = scores[done].argmax(axis=1)
+      out["score"][rows] = top[done]
+      out["scores"][rows] = scores[done]
+      alive = alive[~done]
+      if not len(alive):
+        break
+      x = stage[np.flatnonzero(~done)]
+    return out
