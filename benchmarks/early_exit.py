@@ -40,6 +40,7 @@ from fgjax.early_exit import fit as fit_lib  # noqa: E402
 from fgjax.early_exit import sequential  # noqa: E402
 from fgjax.early_exit import thresholds as thresholds_lib  # noqa: E402
 from fgjax.early_exit import training  # noqa: E402
+from fgjax.models import pooling  # noqa: E402
 from fgjax.models import xla_cpu  # noqa: E402
 
 ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -58,7 +59,7 @@ def _images(model, source):
 def _features(model, source, exits):
   backbone = model.network.module.backbone
   bvars = training.backbone_variables(model.variables)
-  fn = xla_cpu.jit(lambda v, x: {e: sequential.exit_features(o) for e, o in
+  fn = xla_cpu.jit(lambda v, x: {e: pooling.exit_features(o) for e, o in
                                  backbone.apply(v, x, train=False,
                                                 stop=exits[-1]).items() if e in exits})
   parts, labels = {e: [] for e in exits}, []

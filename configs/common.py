@@ -29,6 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.pooling = "avg"     # avg | max | kmax | weighted_kmax (fgjax/models/pooling.py)
   c.model.pooling_k = 4       # K of kmax / weighted_kmax (ELoPE Table 2)
   c.model.embed_dim = 512     # d_em (paper default)
+  # Net 'convnet_exits': backbone outputs that get a trained softmax exit head.
+  c.model.exit_stages = ()
   # ELoPE's localization module (net 'elope_localized', fgjax/models/localized.py): the
   # backbone up to localizer_stop on a localizer_size^2 resize, predicting a
   # localizer_map_size^2 heat map (the classifier's map size); box threshold tau
@@ -90,6 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 'center' (Wen et al. 2016).
   c.loss.extra_terms = ""
   c.loss.ce = ml_collections.ConfigDict({"weight": 1.0, "input": "logits"})
+  # The exit heads of net 'convnet_exits' (config.model.exit_stages), early exit.
+  c.loss.exit_ce = ml_collections.ConfigDict({"weight": 1.0, "input": "exit_logits"})
   # sigma: kernel width of eq. (2) in the training loss (the test-time sigma is chosen
   # on val from eval.sigma_grid).
   c.loss.nca = ml_collections.ConfigDict({"weight": 1.0, "input": "embedding",

@@ -13,6 +13,8 @@ the objective adds weight * term in the order given and logs '<name>_loss' per t
 
 Registered terms, each configured by `config.loss.<name>` (weight, input, options):
   ce          softmax cross-entropy on 'logits'; logs train_accuracy.
+  exit_ce     the mean cross-entropy of the exit heads' 'exit_logits' (N, M, C) (net
+              convnet_exits; sequential early exit's fine-tuning with all heads).
   nca         NCA loss over all impostors, impostor paper eq. (4); each training image
               bypasses its own impostor (j != i, batch['index']). Option sigma (eq. 2).
   attachment  ||f(x_i) - c_i||^2 to the image's own impostor, eq. (6); its weight is
@@ -89,6 +91,23 @@ class CrossEntropy(Term):
                        weights)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return loss, state, {"train_accuracy": _valid_mean(correct, weights)}
+
+
+@register("exit_ce")
+@dataclasses.dataclass(frozen=True)
+class ExitCrossEntropy(Term):
+  """Softmax cross-entropy of every exit head, outputs[input] (N, M, C) logits of net
+  'convnet_exits' (Savchenko 2021, optional fine-tuning with all heads): the mean over
+  the M exits of each exit's mean CE; logs exit<m>_ce per exit, m = 0..M-1."""
+
+  def __call__(self, outputs, batch, impostors, state):
+    logits, labels = outputs[self.input], batch["label"]
+    weights = batch["valid"].astype(jnp.float32)
+    per_exit = jax.vmap(
+        lambda z: _valid_mean(optax.softmax_cross_entropy_with_integer_labels(z, labels),
+                              weights), in_axes=1)(logits)
+    return per_exit.mean(), state, {f"exit{m}_ce": per_exit[m]
+                                    for m in range(logits.shape[1])}
 
 
 @register("nca")

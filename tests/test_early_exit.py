@@ -13,11 +13,12 @@ from fgjax import artifact
 from fgjax import data
 from fgjax import predict
 from fgjax import train
-from fgjax.data import transforms
 from fgjax.early_exit import fit as fit_lib
 from fgjax.early_exit import heads as heads_lib
 from fgjax.early_exit import sequential as sequential_lib
 from fgjax.early_exit import training as training_lib
+from fgjax.models import pooling
+from tests.test_predict import digits_test_images
 
 EXITS = ("stage1", "stage2", "map")
 
@@ -30,11 +31,7 @@ def trained(tmp_path_factory):
   config.num_devices = 1
   results = train.train_and_evaluate(config, str(workdir))
   model = artifact.Model(str(workdir / "artifact"))
-  test = data.get_splits(config.data).test
-  images = np.stack([transforms.eval_transform(test[i]["image"], image_size=8,
-                                               resize_size=8) for i in range(len(test))])
-  labels = np.array([test[i]["label"] for i in range(len(test))])
-  x = transforms.normalize(images, model.mean, model.std)
+  x, labels = digits_test_images(config, model)
   return dict(config=config, workdir=workdir, results=results, model=model, x=x,
               labels=labels)
 
@@ -55,7 +52,7 @@ def _exit_scores(model, x):
   """Each exit head's scores from one full backbone pass (no early exit)."""
   out = model.network.module.backbone.apply(
       training_lib.backbone_variables(model.variables), x, train=False)
-  return [np.asarray(heads_lib.scores(h, sequential_lib.exit_features(out[e])))
+  return [np.asarray(heads_lib.scores(h, pooling.exit_features(out[e])))
           for h, e in zip(_heads(model), EXITS)]
 
 
@@ -131,9 +128,7 @@ def test_predict_reports_the_exit(trained, tmp_path):
     Image.fromarray(test[i]["image"]).save(p)
     paths.append(str(p))
   out = predict.predict_files(model, paths, topk=3, early_exit=True)
-  x = transforms.normalize(np.stack([transforms.eval_transform(
-      test[i]["image"], image_size=8, resize_size=8) for i in range(5)]), model.mean,
-      model.std)
+  x, _ = digits_test_images(config, model, 5)
   want = model.early_exit()(x)
   for r, e, label in zip(out, want["exit"], want["label"]):
     assert r["exit"] == EXITS[e] and r["top"][0]["index"] == label
@@ -178,3 +173,43 @@ def test_fit_exits_needs_held_out_images():
   with pytest.raises(ValueError, match="held-out part is empty"):
     fit_lib.fit_exits(("map",), features, np.arange(4), 4, kind="svm", delta=0.5,
                       seed=0, options={})
+
+
+def test_exit_ce_term_is_the_mean_of_per_exit_cross_entropies():
+  from fgjax import objectives  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 3, 5)).astype(np.float32)
+  labels = np.array([1, 4, 0, 2])
+  valid = np.array([True, True, True, False])  # the last row is padding
+  term = objectives.make("exit_ce", weight=1.0, input="exit_logits")
+  loss, _, metrics = term({"exit_logits": logits},
+                          {"label": labels, "valid": valid}, None, None)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  per_exit = -log_p[np.arange(3), :, labels[:3]].mean(0)  # (M,) over the valid rows
+  np.testing.assert_allclose(float(loss), per_exit.mean(), rtol=1e-5)
+  np.testing.assert_allclose([float(metrics[f"exit{m}_ce"]) for m in range(3)],
+                             per_exit, rtol=1e-5)
+
+
+def test_convnet_exits_fine_tunes_its_exit_heads(tmp_path):
+  config = digits_early_exit.get_config()
+  config.scheme, config.model.net = "ce", "convnet_exits"
+  config.model.exit_stages = EXITS
+  config.loss.extra_terms = "exit_ce"
+  config.early_exit.exits = ()
+  config.train.num_steps, config.num_devices = 30, 1
+  config.train.log_every_steps = 1
+  config.export.int8_calibration_images = 0
+  run = train.Run(config)
+  assert run.output_shapes["exit_logits"].shape == (1, 3, 10)
+  assert set(EXITS) <= set(run.network.reads)  # cached by head-only runs too
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text()
+          .splitlines()]
+  first = [r for r in rows if "exit0_ce" in r][0]
+  last = [r for r in rows if "exit0_ce" in r][-1]
+  for m in range(3):
+    assert last[f"exit{m}_ce"] < 0.7 * first[f"exit{m}_ce"]
+  config.model.exit_stages = ()
+  with pytest.raises(ValueError, match="needs config.model.exit_stages"):
+    train.Run(config)

@@ -43,6 +43,13 @@ def net():
   return module, module.init(jax.random.key(0), _images(0, 1))
 
 
+def calibration_of(net):
+  """The int8 calibration of `net` on 64 fixed images."""
+  module, variables = net
+  return export.calibrate_int8(module, variables, images=_images(3, n=64),
+                               outputs=("embedding",))
+
+
 def _input_tensor(module, variables):
   """The graph's first tensor: the images transposed to NCHW."""
   graph = onnx_export.to_onnx(module, variables, (2, 8, 8, 3), ("embedding",)).graph
@@ -68,8 +75,7 @@ def test_calibration_is_min_max_of_exactly_the_given_images(net):
 
 def test_int8_is_close_to_fp32_and_independent_of_the_batch(net):
   module, variables = net
-  calibration = export.calibrate_int8(module, variables, images=_images(3, n=64),
-                                      outputs=("embedding",))
+  calibration = calibration_of(net)
   x = _images(4, n=13)
   want = np.asarray(module.apply(variables, x)["embedding"])
   outs = [export.make_cpu_predictor(module, variables, bs, outputs=("embedding",),

@@ -13,14 +13,15 @@ from fgjax.models import pooling
 def model_config(**overrides):
   c = common.get_config().model
   c.update(dict(backbone="small_cnn", pretrained=False, net="impostor", pooling="avg",
-                pooling_k=2, embed_dim=16, localizer_size=8, localizer_map_size=4))
+                pooling_k=2, embed_dim=16, localizer_size=8, localizer_map_size=4,
+                exit_stages=("stage1", "map")))
   c.update(overrides)
   return c
 
 
 def test_registered_names():
-  assert nets.names() == ("convnet", "convnet_extra", "elope", "elope_localized",
-                          "impostor")
+  assert nets.names() == ("convnet", "convnet_exits", "convnet_extra", "elope",
+                          "elope_localized", "impostor")
 
 
 @pytest.mark.parametrize("net", nets.names())
@@ -34,13 +35,17 @@ def test_outputs_and_head_path(net, pool):
   if net == "elope_localized":  # fgjax.models.localized: the module's outputs too
     backbone_keys |= {"heatmap", "box", "heatmap_target"}
   head_keys = {"features", "embedding"} | ({"logits"} if network.has_logits else set())
+  exits = ("stage1", "map") if net == "convnet_exits" else ()
+  if exits:  # one (N, C) logit row per exit stage
+    head_keys |= {"exit_logits"}
+    assert out["exit_logits"].shape == (5, 2, 7)
   assert set(out) == backbone_keys | head_keys
   assert out["features"].shape == (5, 128)  # SmallCNN's map has 128 channels
-  width = 128 if net == "convnet" else 16   # ConvNet: embedding = features
+  width = 128 if net in ("convnet", "convnet_exits") else 16  # embedding = features
   assert out["embedding"].shape == (5, width)
   if network.has_logits:
     assert out["logits"].shape == (5, 7)
-  assert network.reads == (pooling.reads(pool),)
+  assert network.reads == tuple(dict.fromkeys((pooling.reads(pool),) + exits))
   # The head alone, on the backbone outputs it reads, gives the same head outputs.
   head = network.module.apply(variables, {k: out[k] for k in network.reads}, method="head")
   assert set(head) == head_keys

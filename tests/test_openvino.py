@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fgjax import export
-from tests.test_int8 import _images, _Net
+from tests.test_int8 import _images, _Net, calibration_of
 
 openvino = pytest.importorskip("openvino", reason="engine='openvino' needs openvino "
                                "(pip install 'fgjax[openvino]'; in the test extra)")
@@ -40,8 +40,7 @@ def test_fp32_is_the_default_and_matches_the_module(net):
 
 def test_int8_runs_the_calibrated_graph(net):
   module, variables = net
-  calibration = export.calibrate_int8(module, variables, images=_images(3, n=64),
-                                      outputs=("embedding",))
+  calibration = calibration_of(net)
   x = _images(8, n=9)
   want = np.asarray(module.apply(variables, x)["embedding"])
   got = _predict(net, "int8", int8_calibration=calibration)(x)["embedding"]

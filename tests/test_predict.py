@@ -32,15 +32,22 @@ def trained(tmp_path_factory):
   return config, workdir, results
 
 
+def digits_test_images(config, model, count=None):
+  """(normalised images, labels) of the first `count` (all) digits test images."""
+  test = data.get_splits(config.data).test
+  n = len(test) if count is None else count
+  images = np.stack([transforms.eval_transform(test[i]["image"], image_size=8,
+                                               resize_size=8) for i in range(n)])
+  return (transforms.normalize(images, model.mean, model.std),
+          np.array([test[i]["label"] for i in range(n)]))
+
+
 def test_artifact_reproduces_test_accuracy(trained):
   config, workdir, results = trained
   model = artifact.Model(str(workdir / "artifact"))
   assert model.sigma == results["sigma"]
-  test = data.get_splits(config.data).test
-  images = np.stack([transforms.eval_transform(test[i]["image"], image_size=8,
-                                               resize_size=8) for i in range(len(test))])
-  labels = np.array([test[i]["label"] for i in range(len(test))])
-  log_probs = model.log_probs(transforms.normalize(images, model.mean, model.std))
+  x, labels = digits_test_images(config, model)
+  log_probs = model.log_probs(x)
   np.testing.assert_allclose(np.exp(log_probs).sum(1), 1.0, rtol=1e-5)
   top1 = evaluate.topk_accuracy(log_probs, labels, (1,))["top1"]
   assert top1 == pytest.approx(results["splits"]["test"]["rbf"]["top1"], abs=1e-9)
@@ -51,11 +58,8 @@ def test_cpu_engines_give_the_same_predictions(trained, engine):
   if engine == "openvino":
     pytest.importorskip("openvino", reason="engine='openvino' needs openvino")
   config, workdir, _ = trained
-  test = data.get_splits(config.data).test
-  images = np.stack([transforms.eval_transform(test[i]["image"], image_size=8,
-                                               resize_size=8) for i in range(21)])
   reference = artifact.Model(str(workdir / "artifact"))
-  x = transforms.normalize(images, reference.mean, reference.std)
+  x, _ = digits_test_images(config, reference, 21)
   expected = reference.log_probs(x)
   # batch_size 8 over 21 images: two full batches and one zero-padded one.
   fast = artifact.Model(str(workdir / "artifact"), engine=engine, batch_size=8)
@@ -67,11 +71,8 @@ def test_cpu_engines_give_the_same_predictions(trained, engine):
 def test_int8_engine_serves_what_training_calibrated(trained):
   config, workdir, results = trained
   assert results["int8"] == {"images": 64, "float_ops": []}
-  test = data.get_splits(config.data).test
-  images = np.stack([transforms.eval_transform(test[i]["image"], image_size=8,
-                                               resize_size=8) for i in range(len(test))])
   reference = artifact.Model(str(workdir / "artifact"))
-  x = transforms.normalize(images, reference.mean, reference.std)
+  x, _ = digits_test_images(config, reference)
   expected = reference.log_probs(x)
   got = artifact.Model(str(workdir / "artifact"), engine="onnx-int8",
                        batch_size=8).log_probs(x)
@@ -184,12 +185,10 @@ def test_explain_draws_where_the_network_looks(trained, tmp_path):
   assert all((tmp_path / "x" / p).stat().st_size > 2000 for p in pictures)
   assert [r["explained"] for r in out] == [str(tmp_path / "x" / pictures[0])] * 4 + [
       str(tmp_path / "x" / pictures[1])]
-  images = np.stack([transforms.eval_transform(test[i]["image"], image_size=8,
-                                               resize_size=8) for i in range(5)])
-  looks = model.explain(transforms.normalize(images, model.mean, model.std))
+  x, _ = digits_test_images(config, model, 5)
+  looks = model.explain(x)
   # The digits network has no localization module: the channel mean of its map.
-  out_map = model.network.module.apply(
-      model.variables, transforms.normalize(images, model.mean, model.std))["map"]
+  out_map = model.network.module.apply(model.variables, x)["map"]
   np.testing.assert_allclose(looks["heatmap"], np.asarray(out_map).mean(-1), rtol=1e-5,
                              atol=1e-6)
   np.testing.assert_allclose([r["box"] for r in out], looks["box"], atol=1e-6)

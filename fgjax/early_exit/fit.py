@@ -49,7 +49,7 @@ def fit_exits(exits: Sequence[str], features: Sequence[np.ndarray], labels: np.n
 
   Args:
     exits: M exit names; features: M arrays (N, D_m) of l2-normalised exit features
-      of the training images (sequential.exit_features); labels: (N,) int.
+      of the training images (fgjax.models.pooling.exit_features); labels: (N,) int.
     num_classes: C.
     kind: the exit classifier (heads.HEADS: 'svm', 'logreg', 'rbf').
     delta: the fit / held-out ratio of step 1.

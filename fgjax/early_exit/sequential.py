@@ -2,7 +2,8 @@
 
 The backbone runs segment by segment (fgjax.models.segments: `start=` the previous
 exit's output, `stop=` this exit's): segment m computes its stage map, the exit branch
-(global average pooling, l2-normalisation, the exit's classifier, heads.scores) and
+(pooling.exit_features: global average pooling, l2-normalisation; then the exit's
+classifier, heads.scores) and
 hands the map to segment m + 1 only for the images that did not exit. An image exits
 at the first m whose top score exceeds the threshold s_m (eq. 3); the last exit always
 answers. Nothing past an image's exit runs for it:
@@ -21,19 +22,12 @@ exit runs reads it.
 
 from typing import Any, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fgjax.early_exit import heads as heads_lib
 from fgjax.models import xla_cpu
-
-
-def exit_features(stage_map: jax.Array) -> jax.Array:
-  """(N, H, W, C) stage output -> (N, C) GAP + l2-normalised exit feature (the paper's
-  exit branch); a 2-D input (already pooled, e.g. 'pooled') is only normalised."""
-  x = stage_map if stage_map.ndim == 2 else jnp.mean(stage_map, axis=(1, 2))
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+from fgjax.models.pooling import exit_features
 
 
 def buckets(max_batch: int) -> tuple[int, ...]:

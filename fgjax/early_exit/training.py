@@ -4,7 +4,7 @@ With `config.early_exit.exits` set (backbone output names in forward order, e.g.
 ('stage4', 'stage6', 'map') for EfficientNet-Lite0: two intermediate stages and the
 penultimate layer, as the paper does), fgjax.train calls `fit_for_run` after the
 network is trained: one pass over every split computes the exit features of every
-image (fgjax.early_exit.sequential.exit_features), the exit heads and the held-out
+image (fgjax.models.pooling.exit_features), the exit heads and the held-out
 wrong-class scores are fitted on the training split (fit.fit_exits), and val / test
 are scored per exit and for sequential inference over `alpha_grid` with both rules
 (fit.report). The artifact gets the heads and the thresholds of the configured
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from fgjax.early_exit import fit as fit_lib
-from fgjax.early_exit import sequential
 from fgjax.early_exit import thresholds as thresholds_lib
+from fgjax.models import pooling
 
 
 def backbone_variables(variables: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def fit_for_run(run: Any, variables: dict[str, Any]) -> tuple[dict[str, Any],
 
   def features(v, x):
     out = backbone.apply(v, x, train=False, stop=exits[-1])
-    return {e: sequential.exit_features(out[e]) for e in exits}
+    return {e: pooling.exit_features(out[e]) for e in exits}
 
   splits = [s for s in ("train", "val", "test") if run.outputs.has(s)]
   feats = {s: run.outputs.mapped(features, bvars, s) for s in splits}

@@ -76,6 +76,12 @@ class PooledNet(nn.Module):
                embed_dim=int(model_config.embed_dim) if cls.embedding_layer else None)
 
   @staticmethod
+  def extra_reads(model_config: Any) -> tuple[str, ...]:
+    """Backbone outputs the head reads besides the pooling's (cached head-only)."""
+    del model_config
+    return ()
+
+  @staticmethod
   def trunk_config(model_config: Any) -> dict[str, Any]:
     """The config fields that decide `trunk`'s outputs (they key the feature cache)."""
     return {"backbone": model_config.backbone,
@@ -123,6 +129,57 @@ class ConvNet(PooledNet):
   def head_from_features(self, features):
     return {"embedding": features,
             "logits": nn.Dense(self.num_classes, name="classifier")(features)}
+
+
+class ExitHeads(nn.Module):
+  """Softmax exit heads (Savchenko 2021, "fine-tuned (all heads)"): per stage global
+  average pooling, l2-normalisation (pooling.exit_features, the exit branch) and a
+  Dense(C) 'exit_<stage>' on `scale` times the unit feature. Returns (N, M, C) logits.
+
+  Unit features bound a logit by its weight row's norm, which starts near 1 and grows
+  slowly, so without the scale the heads stay unconfident for many steps; 16 is the
+  scale of normalised-softmax heads (and ELoPE's gamma)."""
+  stages: tuple[str, ...]
+  num_classes: int
+  scale: float = 16.0
+
+  @nn.compact
+  def __call__(self, backbone_outputs: dict[str, jax.Array]) -> jax.Array:
+    return jnp.stack([nn.Dense(self.num_classes, name=f"exit_{s}")(
+        self.scale * pooling_lib.exit_features(backbone_outputs[s]))
+                      for s in self.stages], axis=1)
+
+
+@register("convnet_exits")
+class ConvNetExits(ConvNet):
+  """ConvNet with a softmax head on each of config.model.exit_stages as well: outputs
+  'exit_logits' (N, M, C), trained with the rest by the 'exit_ce' loss term - the
+  paper's optional step 1 ("add fully-connected LR classifiers to all M branches and
+  fine-tune the CNN"). The sequential exits are fitted afterwards on the fine-tuned
+  features as for any network (config.early_exit)."""
+  exit_heads: Optional[nn.Module] = None
+
+  @classmethod
+  def create(cls, spec, pool, model_config, num_classes):
+    stages = tuple(model_config.get("exit_stages") or ())
+    if not stages:
+      raise ValueError("net 'convnet_exits' needs config.model.exit_stages, e.g. "
+                       "('stage4', 'stage6', 'map') (usually config.early_exit.exits).")
+    unknown = [s for s in stages if s not in spec.outputs]
+    if unknown:
+      raise ValueError(f"config.model.exit_stages names {unknown}, not outputs of the "
+                       f"backbone; its outputs are {', '.join(spec.outputs)}.")
+    return cls(backbone=spec.module, pool=pool, num_classes=int(num_classes),
+               exit_heads=ExitHeads(stages, int(num_classes)))
+
+  @staticmethod
+  def extra_reads(model_config: Any) -> tuple[str, ...]:
+    return tuple(model_config.get("exit_stages") or ())
+
+  def head(self, backbone_outputs, train=False):
+    out = super().head(backbone_outputs, train)
+    out["exit_logits"] = self.exit_heads(backbone_outputs)
+    return out
 
 
 @register("convnet_extra")
@@ -264,7 +321,9 @@ def build(model_config: Any, num_classes: int, *, pretrained: Optional[bool] = N
                       weights_path=(model_config.get("weights_path") or None)
                       if use_weights else None)
   return Network(name=name, module=cls.create(spec, pool, model_config, num_classes),
-                 spec=spec, reads=(pool.reads,), has_logits=cls.has_logits,
+                 spec=spec,
+                 reads=tuple(dict.fromkeys((pool.reads,) + cls.extra_reads(model_config))),
+                 has_logits=cls.has_logits,
                  embedding_layer=cls.embedding_layer,
                  trunk_config=cls.trunk_config(model_config),
                  trunk_groups=cls.trunk_groups)

@@ -59,6 +59,13 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=(1, 2))
 
 
+def exit_features(x: jax.Array) -> jax.Array:
+  """The exit branch of sequential early exit (Savchenko 2021): GAP, then
+  l2-normalisation: (N, H, W, C) -> (N, C); a pooled (N, C) input is only normalised."""
+  x = x if x.ndim == 2 else global_avg_pool(x)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def global_max_pool(x: jax.Array) -> jax.Array:
   """Global max pooling (GMP; ELoPE section 3): (N, H, W, C) -> (N, C).
 
