@@ -16,8 +16,9 @@ the test split:
     for both rules over the alpha grid: top-1, the share answered at each exit, and
     real ms per image at batch 1 and batch 32.
 Top-1 of every row is over the whole test split; times are over `--time_images` test
-images, each configuration timed twice after a warm-up, the smaller kept. A PNG plots
-top-1 against ms per image at batch 32 (and batch 1).
+images: every configuration runs one pass over them per round, round-robin over all
+configurations (so they share the background load), after a warm-up pass; the median
+of `--rounds` is kept. A PNG plots top-1 against ms per image at batch 1 and 32.
 """
 
 import argparse
@@ -71,16 +72,32 @@ def _features(model, source, exits):
   return [np.concatenate(parts[e]) for e in exits], np.concatenate(labels)
 
 
-def _time(fn, x, batch):
-  """ms per image of fn over x in batches of `batch` (best of two timed passes)."""
-  fn(x[:batch])
-  best = np.inf
-  for _ in range(2):
-    start = time.perf_counter()
-    for i in range(0, len(x), batch):
-      jax.block_until_ready(fn(x[i:i + batch]))
-    best = min(best, time.perf_counter() - start)
-  return best * 1e3 / len(x)
+def _pass_ms(fn, x, batch):
+  """ms per image of one pass of fn over x in batches of `batch`."""
+  start = time.perf_counter()
+  for i in range(0, len(x), batch):
+    jax.block_until_ready(fn(x[i:i + batch]))
+  return (time.perf_counter() - start) * 1e3 / len(x)
+
+
+def _timed(jobs, x, rounds):
+  """{key: median ms per image} of jobs {key: (fn, batch)}, after one warm-up pass
+  each, timed round-robin (every job once per round) so that they share the
+  machine's background load."""
+  for fn, batch in jobs.values():
+    _pass_ms(fn, x[:batch], batch)
+  times = {k: [] for k in jobs}
+  for _ in range(rounds):
+    for k, (fn, batch) in jobs.items():
+      times[k].append(_pass_ms(fn, x, batch))
+  return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _with_thresholds(seq, thresholds):
+  def run(x):
+    seq.thresholds = thresholds
+    return seq(x)
+  return run
 
 
 def main():
@@ -90,7 +107,8 @@ def main():
   parser.add_argument("--out", required=True)
   parser.add_argument("--png", default="")
   parser.add_argument("--heads", default="svm,rbf")
-  parser.add_argument("--time_images", type=int, default=96)
+  parser.add_argument("--time_images", type=int, default=64)
+  parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
   exits = tuple(args.exits.split(","))
   path = os.path.join(args.workdir, "artifact")
@@ -108,44 +126,50 @@ def main():
   full_pred = np.concatenate([model.log_probs(x).argmax(1) for x, _ in
                               _images(model, splits.test)])
   out = {"workdir": args.workdir, "exits": list(exits), "test_images": int(len(test_y)),
-         "time_images": int(len(timed)), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                               time.gmtime()),
-         "full": {"top1": float((full_pred == test_y).mean()),
-                  "ms_b1": _time(model.log_probs, timed, 1),
-                  "ms_b32": _time(model.log_probs, timed, 32)},
-         "heads": {}}
-  print("# full", out["full"], flush=True)
+         "time_images": int(len(timed)), "rounds": args.rounds,
+         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "full": {"top1": float((full_pred == test_y).mean())}, "heads": {}}
+  jobs = {("full", b): (model.log_probs, b) for b in (1, 32)}
   bvars = training.backbone_variables(model.variables)
+  backbone = model.network.module.backbone
   for kind in args.heads.split(","):
     fitted = fit_lib.fit_exits(exits, train_f, train_y, len(model.class_names),
                                kind=kind, delta=0.5, seed=int(config.seed), options={})
     scores = fit_lib.exit_scores(fitted, test_f)
     rows = {"exit": [], "sequential": []}
     for m, e in enumerate(exits):
-      alone = sequential.Sequential(model.network.module.backbone, bvars, exits[:m + 1],
-                                    fitted.heads[:m + 1], [np.inf] * (m + 1))
+      alone = sequential.Sequential(backbone, bvars, exits[:m + 1], fitted.heads[:m + 1],
+                                    [np.inf] * (m + 1))
       rows["exit"].append({"exit": e, "top1": float((scores[m].argmax(1) == test_y)
-                                                    .mean()),
-                           "ms_b1": _time(alone, timed, 1),
-                           "ms_b32": _time(alone, timed, 32)})
-      print(f"# {kind} exit {e}", rows["exit"][-1], flush=True)
-    seq = sequential.Sequential(model.network.module.backbone, bvars, exits,
-                                fitted.heads, fitted.thresholds(0.1, "adaptive"))
+                                                    .mean())})
+      jobs.update({(kind, "exit", m, b): (alone, b) for b in (1, 32)})
+    seq = sequential.Sequential(backbone, bvars, exits, fitted.heads,
+                                fitted.thresholds(0.1, "adaptive"))
     seq.warm_up(timed.shape[1:])
     for rule in thresholds_lib.RULES:
       for alpha in ALPHAS:
-        seq.thresholds = fitted.thresholds(alpha, rule)
-        sim = fit_lib.simulate(scores, seq.thresholds)
-        row = {"rule": rule, "alpha": alpha,
-               "top1": float((sim["label"] == test_y).mean()),
-               "exit_fraction": [float((sim["exit"] == m).mean())
-                                 for m in range(len(exits))],
-               "ms_b1": _time(seq, timed, 1), "ms_b32": _time(seq, timed, 32)}
-        rows["sequential"].append(row)
-        print(f"# {kind}", row, flush=True)
+        thresholds = fitted.thresholds(alpha, rule)
+        sim = fit_lib.simulate(scores, thresholds)
+        rows["sequential"].append({
+            "rule": rule, "alpha": alpha,
+            "top1": float((sim["label"] == test_y).mean()),
+            "exit_fraction": [float((sim["exit"] == m).mean())
+                              for m in range(len(exits))]})
+        jobs.update({(kind, rule, alpha, b): (_with_thresholds(seq, thresholds), b)
+                     for b in (1, 32)})
     out["heads"][kind] = rows
-    with open(args.out, "w") as f:  # after each head: a killed run keeps what it had
-      json.dump(out, f, indent=2)
+  print(f"# timing {len(jobs)} jobs x {args.rounds} rounds", flush=True)
+  ms = _timed(jobs, timed, args.rounds)
+  for b in (1, 32):
+    out["full"][f"ms_b{b}"] = ms["full", b]
+    for kind, rows in out["heads"].items():
+      for m, row in enumerate(rows["exit"]):
+        row[f"ms_b{b}"] = ms[kind, "exit", m, b]
+      for row in rows["sequential"]:
+        row[f"ms_b{b}"] = ms[kind, row["rule"], row["alpha"], b]
+  with open(args.out, "w") as f:
+    json.dump(out, f, indent=2)
+  print(json.dumps(out["full"]), flush=True)
   if args.png:
     _plot(out, args.png)
 
