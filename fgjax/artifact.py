@@ -248,7 +248,9 @@ class Model:
     if engine == "jit":
       jitted = xla_cpu.jit(
           lambda v, x: {k: module.apply(v, x, train=False)[k] for k in keys})
-      self.forward = lambda x: jitted(self.variables, x)
+      # Put on the device once; NumPy variables would be copied in at every call.
+      on_device = jax.device_put(self.variables)
+      self.forward = lambda x: jitted(on_device, x)
     else:
       from fgjax import export  # pylint: disable=g-import-not-at-top
       int8 = (self._int8(path) if engine == "onnx-int8" or precision == "int8"

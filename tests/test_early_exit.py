@@ -111,12 +111,14 @@ def test_compaction_never_recompiles_after_warm_up(trained):
   seq = _sequential(model, model.meta["early_exit"]["thresholds"], max_batch=8)
   assert seq.buckets == (1, 2, 4, 8)
   seq.warm_up(x.shape[1:])
-  sizes = [s._cache_size() for s in seq._segments]
-  assert sizes == [4, 4, 4]
+  sizes = [s._cache_size() for s in seq._segments] + [seq._take._cache_size()]
+  # 4 buckets per segment; compactions bucket -> smaller or equal bucket after the
+  # two exits that can hand on: 2 x (1 + 2 + 3 + 4).
+  assert sizes == [4, 4, 4, 20]
   rng = np.random.default_rng(0)
   for n in (1, 3, 8, 5, 13, 2):
     seq(x[rng.choice(len(x), n, replace=False)])
-  assert [s._cache_size() for s in seq._segments] == sizes
+  assert [s._cache_size() for s in seq._segments] + [seq._take._cache_size()] == sizes
 
 
 def test_predict_reports_the_exit(trained, tmp_path):
