@@ -131,6 +131,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The RBF rule's sigma is re-chosen on the validation split from this grid after
   # training (no extra forward passes); empty: use loss.nca.sigma.
   c.eval.sigma_grid = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0)
+  # How val picks sigma from the grid: top1 (accuracy) or nll (calibration).
+  c.eval.sigma_criterion = "top1"
   c.eval.search = "exact"   # exact (all impostors) | exact_knn | scann
   # ELoPE Table 4 on the test split (IoU >= 0.5 with ground-truth boxes where the
   # source has them) and <workdir>/localization.png (heat maps, boxes).

@@ -74,6 +74,9 @@ def validate(config: Any) -> None:
   _one_of(config, "impostors.policy", impostor_policies.names(), empty_ok=True)
   _one_of(config, "optim.schedule", optim.SCHEDULES)
   _one_of(config, "eval.search", SEARCH_BACKENDS)
+  if _has(config, "eval.sigma_criterion"):
+    from fgjax import evaluate  # pylint: disable=g-import-not-at-top
+    _one_of(config, "eval.sigma_criterion", evaluate.SIGMA_CRITERIA)
   optim.parse_trainable(config.model.trainable)
   weights_path = config.model.get("weights_path") or ""
   if weights_path and not os.path.exists(weights_path):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgjax import calibration
 from fgjax import evaluate
 from fgjax import impostors as impostors_lib
 
@@ -36,20 +37,28 @@ def evaluate_splits(outputs: dict[str, dict[str, np.ndarray]], *,
   """
   results: dict[str, Any] = {"splits": {}}
   sigma = float(default_sigma)
+  criterion = eval_config.get("sigma_criterion", "top1")
   if impostors is not None:
     grid = list(eval_config.sigma_grid) or [sigma]
     if "val" in outputs:
       sigma, table = evaluate.select_sigma(
           outputs["val"]["embedding"], outputs["val"]["label"], impostors, grid,
-          num_classes)
-      results["sigma_sweep_val_top1"] = table
-    results["sigma_selected_on"] = ("val" if "val" in outputs
+          num_classes, criterion)
+      results[f"sigma_sweep_val_{criterion}"] = table
+    results["sigma_selected_on"] = (f"val {criterion}" if "val" in outputs
                                     else "none (config.loss.nca.sigma)")
   results["sigma"] = sigma
+  # Temperature scaling of the softmax on val (Guo et al. 2017): the fair
+  # calibration baseline for the RBF rule.
+  temperature = None
+  if "val" in outputs and "logits" in outputs["val"]:
+    temperature = calibration.fit_temperature(outputs["val"]["logits"],
+                                              outputs["val"]["label"])
+    results["temperature"] = temperature
   for name, out in outputs.items():
     results["splits"][name] = evaluate.classify_split(
         out, impostors=impostors, sigma=sigma, num_classes=num_classes,
-        search=eval_config.search, k=int(eval_config.k))
+        search=eval_config.search, k=int(eval_config.k), temperature=temperature)
   return results
 
 
@@ -128,4 +137,7 @@ def flat_scalars(results: dict[str, Any]) -> dict[str, float]:
     for head in ("rbf", "softmax"):
       for k, v in r.get(head, {}).items():
         out[f"{split}/{head}_{k}"] = v
+    for head, report in r.get("calibration", {}).items():
+      out[f"{split}/{head}_ece"] = report["ece"]
+      out[f"{split}/{head}_nll"] = report["nll"]
   return out

@@ -304,6 +304,13 @@ def _evaluate(run: Run, state, workdir: str) -> tuple[dict[str, Any], tuple]:
         sigma=results["sigma"], num_classes=run.num_classes,
         workdir=workdir if jax.process_index() == 0 else None,
         title=run.resolved.scheme)
+  if "test" in results["splits"] and jax.process_index() == 0:
+    try:
+      results["reliability_picture"] = visualize.reliability_diagram(
+          os.path.join(workdir, "reliability.png"),
+          results["splits"]["test"]["calibration"], title=f"{run.resolved.scheme}, test")
+    except ImportError as e:  # The numbers stay; only the picture needs matplotlib.
+      results["reliability_picture"] = f"not drawn: {e}"
   if run.config.eval.localization and run.outputs.has("test"):
     results["localization"] = _localization(run, variables, workdir)
   results["num_classes"] = run.num_classes

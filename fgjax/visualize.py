@@ -1,4 +1,5 @@
-"""Pictures people look at: heat maps over images, with predicted and true boxes.
+"""Pictures people look at: heat maps over images, with predicted and true boxes, and
+reliability diagrams.
 
 Needs matplotlib (the optional 'plots' extra, in the test extras); callers that must not
 fail for a picture catch ImportError.
@@ -67,5 +68,39 @@ def heatmap_grid(path: str, images: np.ndarray, heatmaps: np.ndarray,
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
+def reliability_diagram(path: str, reports: dict[str, dict], title: str = "") -> str:
+  """Writes a PNG reliability diagram: per classifier, accuracy against confidence of
+  its non-empty bins (fgjax.calibration.reliability), the diagonal of perfect
+  calibration, and the ECE in the legend.
+
+  Args:
+    path: the PNG to write.
+    reports: {label: calibration.reliability(...) result}, e.g. {'rbf': ...}.
+    title: the figure title.
+  Returns:
+    `path`.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(4.8, 4.6))
+  ax.plot([0, 1], [0, 1], ":", c="gray", label="perfect calibration")
+  for label, report in reports.items():
+    bins = [b for b in report["bins"] if b["count"]]
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-",
+            ms=4, label=f"{label}: ECE {report['ece']:.3f}, NLL {report['nll']:.2f}")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.set_xlabel("confidence (top-class probability)")
+  ax.set_ylabel("accuracy")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="upper left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
