@@ -54,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.bbox_crop = False
   c.data.classes_subset = ()
   c.data.holdout_classes = ()
+  # Open set as in the paper (section 4.2): unknown images from another data set, a
+  # source name ('birds525', 'cars196') or a folder; evaluation only.
+  c.data.unknown_root = ""
 
   c.input = ml_collections.ConfigDict()
   c.input.image_size = 224    # crop side

@@ -30,9 +30,14 @@ METRICS_FILE = "metrics.jsonl"
 HARMLESS = ("train.log_every_steps", "train.checkpoint_every_steps",
             "train.max_embedding_norm",
             "train.feature_cache_dir", "input.worker_count", "eval.", "export.",
-            "early_exit.",
+            "early_exit.", "data.unknown_root",
             "num_devices", "distributed")
 _LENGTH = ("train.num_epochs", "train.num_steps")
+# Fields added after workdirs were written, with the value that reproduces what those
+# runs did: absent from an old config.json and equal to this in the new config, they
+# are no change. (loss.<term> sections are read only when the term is in the loss.)
+_ADDED_LATER = {"model.exit_stages": [], "loss.exit_ce.weight": None,
+                "loss.exit_ce.input": None}
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -66,7 +71,10 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: json.loads(json.dumps(tree, default=_json_default))}
 
 
-def _harmless(field: str, new: dict[str, Any]) -> bool:
+def _harmless(field: str, new: dict[str, Any], old_value: Any = None) -> bool:
+  if old_value == "(absent)" and field in _ADDED_LATER:
+    off = _ADDED_LATER[field]
+    return off is None or new.get(field) == off
   if field in _LENGTH:
     return new.get("optim.schedule", "constant") == "constant"
   return any(field == h or (h.endswith(".") and field.startswith(h)) for h in HARMLESS)
@@ -79,7 +87,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list, list
   for field in sorted(set(a) | set(b)):
     va, vb = a.get(field, "(absent)"), b.get(field, "(absent)")
     if va != vb:
-      (fine if _harmless(field, b) else bad).append((field, va, vb))
+      (fine if _harmless(field, b, va) else bad).append((field, va, vb))
   return bad, fine
 
 

@@ -40,6 +40,16 @@ def test_config_changes_split_harmless_from_incompatible():
   assert bad == [("scheme", "(absent)", "fixed")]
 
 
+def test_fields_added_later_resume_old_workdirs_only_at_their_old_behaviour():
+  old = _dict()
+  del old["model"]["exit_stages"], old["loss"]["exit_ce"]  # a config.json from before
+  bad, fine = workdir.config_changes(old, _dict())
+  assert bad == [] and {f for f, _, _ in fine} == {
+      "model.exit_stages", "loss.exit_ce.weight", "loss.exit_ce.input"}
+  bad, _ = workdir.config_changes(old, _dict(**{"model.exit_stages": ("map",)}))
+  assert [f for f, _, _ in bad] == ["model.exit_stages"]
+
+
 def test_check_config(tmp_path):
   assert workdir.check_config(str(tmp_path), _dict()) is False  # new workdir
   workdir.write_json(str(tmp_path / "config.json"), _dict())

@@ -39,6 +39,10 @@ Config fields (`config.data`; bad values raise ValueError naming the field):
   holdout_classes: class indices held out as "unknown" (open-set evaluation):
     the known classes are re-indexed 0..K-1 and `splits.unknown` holds the test
     images of the held-out ones with label -1. Every source.
+  unknown_root: unknown images for open-set evaluation from another data set (the
+    paper's section 4.2 protocol): a registered source name (its test split, e.g.
+    'birds525' for a cars196 run) or any folder of images; becomes `splits.unknown`
+    (label -1). Not together with holdout_classes. Every source.
   val_fraction: (tfds only, optional, default 0.1) share of train carved out as
     val when the data set has no validation split.
   validate: (optional, default True) fully decode every image-folder file once
