@@ -306,9 +306,11 @@ def _evaluate(run: Run, state, workdir: str) -> tuple[dict[str, Any], tuple]:
         title=run.resolved.scheme)
   if "test" in results["splits"] and jax.process_index() == 0:
     try:
-      results["reliability_picture"] = visualize.reliability_diagram(
+      visualize.reliability_diagram(
           os.path.join(workdir, "reliability.png"),
           results["splits"]["test"]["calibration"], title=f"{run.resolved.scheme}, test")
+      # Relative to the workdir: results.json stays the same wherever the run lives.
+      results["reliability_picture"] = "reliability.png"
     except ImportError as e:  # The numbers stay; only the picture needs matplotlib.
       results["reliability_picture"] = f"not drawn: {e}"
   if run.config.eval.localization and run.outputs.has("test"):
