@@ -32,7 +32,7 @@ def _fgjax_imports(module: str) -> set[str]:
 
 def test_modules_are_the_expected_ones():
   assert MODULES == ["digits", "folder", "pipeline", "records", "registry", "splits",
-                     "tfds", "transforms"]
+                     "tfds", "transforms", "unknown"]
 
 
 def test_no_import_cycle_and_splits_at_the_bottom():

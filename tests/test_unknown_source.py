@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fgjax import data
-from fgjax.data import folder
+from fgjax.data import unknown
 from tests.conftest import require_cars196
 from tests.test_train import small_config
 
@@ -49,7 +49,7 @@ def test_a_folder_of_images_becomes_the_unknown_split(tmp_path):
 def test_a_named_source_gives_its_test_split():
   require_cars196()
   cfg = ml_collections.ConfigDict(dict(source="digits"))
-  source, names = folder.unknown_images("cars196", cfg)
+  source, names = unknown.unknown_images("cars196", cfg)
   assert len(source) == 2452 and names == ["cars196:test"]  # cars196 README: 2,452
   assert all("/test/" in p for p in source.paths)
 

@@ -60,7 +60,7 @@ from fgjax.data.pipeline import make_iterator
 from fgjax.data.pipeline import steps_per_epoch
 from fgjax.data.records import ArraySource
 from fgjax.data.records import FileSource
-from fgjax.data.registry import get_splits
+from fgjax.data.unknown import get_splits
 from fgjax.data.registry import register
 from fgjax.data.registry import source_names
 from fgjax.data.splits import Splits

@@ -237,38 +237,3 @@ def cars196_source(cfg: Any) -> splits.Splits:
   return image_folder_splits(cfg, _named_root(cfg, "cars196"), name="cars196",
                              require_split_layout=True)
 
-
-def unknown_images(spec: str, cfg: Any) -> tuple[records.FileSource, list[str]]:
-  """The unknown images of the paper's open-set protocol (section 4.2: Test2 = images
-  of another data set), label -1, and a name for them.
-
-  `spec` (config.data.unknown_root) is a registered source name (its test split, e.g.
-  'birds525' against cars196), or a folder, every image under it (recursive; names
-  ignored). Undecodable files are dropped as for any folder.
-  """
-  if spec in registry.source_names():
-    if spec == cfg.get("source"):
-      raise ValueError(f"config.data.unknown_root={spec!r} is the training data set "
-                       "itself; name another one (or use config.data.holdout_classes).")
-    other = registry.SOURCES.get(spec)(type(cfg)({"source": spec}))
-    paths = list(getattr(other.test, "paths", []))
-    if not paths:
-      raise ValueError(f"config.data.unknown_root={spec!r}: its test split holds no "
-                       "image files to use as unknowns.")
-    name = f"{spec}:test"
-  else:
-    root = pathlib.Path(spec)
-    if not root.is_dir():
-      raise FileNotFoundError(
-          f"config.data.unknown_root={spec!r} is neither a folder nor a data source "
-          f"({', '.join(registry.source_names())}); point it at a folder of images.")
-    paths = sorted(str(p) for p in root.rglob("*") if p.is_file()
-                   and p.suffix.lower() in transforms.IMAGE_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    bad = {b.split(": ", 1)[0] for b in find_bad_files(paths)}
-    paths = [p for p in paths if p not in bad]
-    if not paths:
-      raise ValueError(f"config.data.unknown_root={spec!r} holds no decodable image "
-                       f"files ({', '.join(sorted(transforms.IMAGE_EXTENSIONS))}).")
-    name = str(root)
-  return records.FileSource(paths, [-1] * len(paths), name=f"unknown:{name}"), [name]

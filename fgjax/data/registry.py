@@ -8,7 +8,6 @@ module with an `@register` function, imported there, never a branch here.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 from fgjax import registries
@@ -43,13 +42,4 @@ def get_splits(cfg: Any) -> splits.Splits:
   splits.config_seed(cfg)
   for field in ("classes_subset", "holdout_classes"):
     splits.class_ids(cfg, field)
-  result = source_fn(cfg)
-  unknown = cfg.get("unknown_root", "")
-  if unknown:
-    if result.unknown is not None:
-      raise ValueError("config.data.unknown_root and config.data.holdout_classes both "
-                       "give unknown images; use one of the two.")
-    from fgjax.data import folder  # pylint: disable=g-import-not-at-top
-    source, names = folder.unknown_images(unknown, cfg)
-    result = dataclasses.replace(result, unknown=source, unknown_class_names=names)
-  return result
+  return source_fn(cfg)
