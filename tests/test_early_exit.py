@@ -6,11 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from configs import digits_early_exit
 from fgjax import artifact
-from fgjax import data
 from fgjax import predict
 from fgjax import train
 from fgjax.early_exit import fit as fit_lib
@@ -18,18 +16,15 @@ from fgjax.early_exit import heads as heads_lib
 from fgjax.early_exit import sequential as sequential_lib
 from fgjax.early_exit import training as training_lib
 from fgjax.models import pooling
-from tests.test_predict import digits_test_images
+from tests.test_predict import digits_test_files, digits_test_images, train_briefly
 
 EXITS = ("stage1", "stage2", "map")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("digits_ee")
   config = digits_early_exit.get_config()
-  config.train.num_steps = 40
-  config.num_devices = 1
-  results = train.train_and_evaluate(config, str(workdir))
+  workdir, results = train_briefly(tmp_path_factory, "digits_ee", config)
   model = artifact.Model(str(workdir / "artifact"))
   x, labels = digits_test_images(config, model)
   return dict(config=config, workdir=workdir, results=results, model=model, x=x,
@@ -123,12 +118,7 @@ def test_compaction_never_recompiles_after_warm_up(trained):
 
 def test_predict_reports_the_exit(trained, tmp_path):
   config, model = trained["config"], trained["model"]
-  test = data.get_splits(config.data).test
-  paths = []
-  for i in range(5):
-    p = tmp_path / f"img{i}.png"
-    Image.fromarray(test[i]["image"]).save(p)
-    paths.append(str(p))
+  paths = digits_test_files(config, tmp_path, 5)
   out = predict.predict_files(model, paths, topk=3, early_exit=True)
   x, _ = digits_test_images(config, model, 5)
   want = model.early_exit()(x)

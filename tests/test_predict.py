@@ -22,13 +22,18 @@ from fgjax.data import transforms
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("digits")
-  config = digits_loose.get_config()
+def train_briefly(tmp_path_factory, name, config):
+  """(workdir, results) of `config` trained for 40 steps on one device."""
+  workdir = tmp_path_factory.mktemp(name)
   config.train.num_steps = 40
   config.num_devices = 1
-  results = train.train_and_evaluate(config, str(workdir))
+  return workdir, train.train_and_evaluate(config, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  config = digits_loose.get_config()
+  workdir, results = train_briefly(tmp_path_factory, "digits", config)
   return config, workdir, results
 
 
@@ -40,6 +45,17 @@ def digits_test_images(config, model, count=None):
                                                resize_size=8) for i in range(n)])
   return (transforms.normalize(images, model.mean, model.std),
           np.array([test[i]["label"] for i in range(n)]))
+
+
+def digits_test_files(config, folder, count):
+  """Paths of the first `count` digits test images, written to `folder` as PNGs."""
+  test = data.get_splits(config.data).test
+  paths = []
+  for i in range(count):
+    path = folder / f"img{i}.png"
+    Image.fromarray(test[i]["image"]).save(path)
+    paths.append(str(path))
+  return paths
 
 
 def test_artifact_reproduces_test_accuracy(trained):
@@ -120,12 +136,7 @@ def test_unknown_engine(trained):
 
 def test_predict_files_reports_bad_files_and_rejects(trained, tmp_path):
   config, workdir, _ = trained
-  test = data.get_splits(config.data).test
-  paths = []
-  for i in range(3):
-    p = tmp_path / f"img{i}.png"
-    Image.fromarray(test[i]["image"]).save(p)
-    paths.append(str(p))
+  paths = digits_test_files(config, tmp_path, 3)
   bad = tmp_path / "broken.jpg"
   bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
   paths.insert(1, str(bad))
@@ -172,12 +183,7 @@ def test_not_an_artifact(tmp_path):
 
 def test_explain_draws_where_the_network_looks(trained, tmp_path):
   config, workdir, _ = trained
-  test = data.get_splits(config.data).test
-  paths = []
-  for i in range(5):
-    p = tmp_path / f"img{i}.png"
-    Image.fromarray(test[i]["image"]).save(p)
-    paths.append(str(p))
+  paths = digits_test_files(config, tmp_path, 5)
   model = artifact.Model(str(workdir / "artifact"))
   out = predict.predict_files(model, paths, batch_size=4, explain_dir=str(tmp_path / "x"))
   pictures = sorted(os.listdir(tmp_path / "x"))
