@@ -44,6 +44,7 @@ from fgjax import export  # noqa: E402
 from fgjax import impostors as impostors_lib  # noqa: E402
 from fgjax import models  # noqa: E402
 from fgjax import quantize  # noqa: E402
+from fgjax import stats  # noqa: E402
 from fgjax.data import transforms  # noqa: E402
 from fgjax.export import int8 as int8_lib  # noqa: E402
 from fgjax.export import onnx as onnx_lib  # noqa: E402
@@ -151,10 +152,6 @@ def _split_outputs(model: artifact.Model, source, keys) -> dict[str, np.ndarray]
           "label": np.asarray(labels, np.int32)}
 
 
-def _se(p: float, n: int) -> float:
-  return float(np.sqrt(p * (1 - p) / n))
-
-
 def accuracy(args) -> dict:
   out = {"runs": []}
   for workdir in args.workdirs:
@@ -192,7 +189,7 @@ def accuracy(args) -> dict:
       labels = outputs["test"]["label"]
       top1 = float((preds[engine] == labels).mean())
       row[f"{engine}_test_top1"] = top1
-      row[f"{engine}_test_top1_se"] = _se(top1, len(labels))
+      row[f"{engine}_test_top1_se"] = stats.binomial_se(top1, len(labels))
     row["sigma"] = model.sigma
     row["test_images"] = int(len(labels))
     row["top1_agreement"] = float((preds["onnx"] == preds["onnx-int8"]).mean())

@@ -171,16 +171,24 @@ def get_config() -> ml_collections.ConfigDict:
 
 def birds525(scheme: str, learning_rate: float,
              sigma: float = 0.2) -> ml_collections.ConfigDict:
-  """birds525 (../shared/data/birds525, canonical 3/1/1 split), EfficientNet-Lite0.
+  """birds525 (../shared/data/birds525, canonical 3/1/1 split): `folder_schemes`."""
+  return folder_schemes("birds525", scheme, learning_rate, sigma)
+
+
+def folder_schemes(dataset: str, scheme: str, learning_rate: float,
+                   sigma: float = 0.2) -> ml_collections.ConfigDict:
+  """One of the paper's five schemes on a folder data set ('birds525', 'cars196'),
+  EfficientNet-Lite0.
 
   Head-only training on cached backbone features by default: the setting whose
   learning rate and training sigma were chosen on the validation split on a 2-core CPU
-  (BENCHMARKS.md, section 5). With an accelerator, fine-tune more of the backbone with
-  --config.model.trainable=last:3 (or all) --config.train.cache_features=False.
+  (BENCHMARKS.md, sections 5 and 16). With an accelerator, fine-tune more of the
+  backbone with --config.model.trainable=last:3 (or all)
+  --config.train.cache_features=False.
   """
   c = get_config()
   c.scheme = scheme
-  c.data.source = "birds525"
+  c.data.source = dataset
   c.model.backbone = "efficientnet_lite0"
   c.model.trainable = "head"
   c.train.cache_features = True

@@ -98,22 +98,30 @@ def classify_split(outputs: dict[str, np.ndarray], *,
                    impostors: Optional[impostors_lib.ImpostorSet], sigma: float,
                    num_classes: int, search: str = "exact", k: int = 0,
                    ks: Sequence[int] = (1, 5),
-                   temperature: Optional[float] = None) -> dict[str, Any]:
+                   temperature: Optional[float] = None,
+                   predictions: Optional[dict[str, np.ndarray]] = None
+                   ) -> dict[str, Any]:
   """All accuracies of one split (RBF over impostors and/or the softmax head) and
   their calibration (fgjax.calibration: ECE, NLL, reliability bins) under
   'calibration'; with `temperature`, also the softmax divided by it
-  ('softmax_temperature')."""
+  ('softmax_temperature'). `predictions`, when given, receives each head's top-1
+  class per image ({'rbf': (N,), 'softmax': (N,)}), what a paired test of two runs
+  compares."""
   labels = outputs["label"]
   result: dict[str, Any] = {"num_examples": int(len(labels)), "calibration": {}}
   if impostors is not None:
     lp = rbf_log_probs(outputs["embedding"], impostors, sigma, num_classes,
                        search=search, k=k)
     result["rbf"] = topk_accuracy(lp, labels, ks)
+    if predictions is not None:
+      predictions["rbf"] = np.asarray(lp).argmax(-1).astype(np.int32)
     result["rbf_mean_entropy"] = float(np.mean(entropy(lp)))
     result["calibration"]["rbf"] = calibration.reliability(lp, labels)
   if "logits" in outputs:
     logits = outputs["logits"]
     result["softmax"] = topk_accuracy(logits, labels, ks)
+    if predictions is not None:
+      predictions["softmax"] = np.asarray(logits).argmax(-1).astype(np.int32)
     log_probs = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
     result["softmax_mean_entropy"] = float(np.mean(entropy(np.asarray(log_probs))))
     result["calibration"]["softmax"] = calibration.reliability(log_probs, labels)

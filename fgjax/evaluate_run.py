@@ -21,7 +21,8 @@ from fgjax import impostors as impostors_lib
 
 def evaluate_splits(outputs: dict[str, dict[str, np.ndarray]], *,
                     impostors: Optional[impostors_lib.ImpostorSet], num_classes: int,
-                    eval_config, default_sigma: float) -> dict[str, Any]:
+                    eval_config, default_sigma: float,
+                    predictions_file: Optional[str] = None) -> dict[str, Any]:
   """Accuracies of every split in `outputs`; sigma of the RBF rule chosen on 'val'.
 
   Args:
@@ -30,6 +31,9 @@ def evaluate_splits(outputs: dict[str, dict[str, np.ndarray]], *,
     num_classes: C.
     eval_config: config.eval (sigma_grid, search, k).
     default_sigma: the sigma used when there is no grid or no validation split.
+    predictions_file: where to write every split's labels and each head's top-1
+      class per image (npz: '<split>_label', '<split>_rbf', '<split>_softmax'), the
+      input of a paired test between runs (fgjax.stats.mcnemar); None: not written.
 
   Returns:
     {'splits': {split: accuracies}, 'sigma', and for the RBF rule
@@ -55,10 +59,17 @@ def evaluate_splits(outputs: dict[str, dict[str, np.ndarray]], *,
     temperature = calibration.fit_temperature(outputs["val"]["logits"],
                                               outputs["val"]["label"])
     results["temperature"] = temperature
+  arrays = {}
   for name, out in outputs.items():
+    predictions: dict[str, np.ndarray] = {}
     results["splits"][name] = evaluate.classify_split(
         out, impostors=impostors, sigma=sigma, num_classes=num_classes,
-        search=eval_config.search, k=int(eval_config.k), temperature=temperature)
+        search=eval_config.search, k=int(eval_config.k), temperature=temperature,
+        predictions=predictions)
+    arrays[f"{name}_label"] = np.asarray(out["label"], np.int32)
+    arrays.update({f"{name}_{head}": p for head, p in predictions.items()})
+  if predictions_file is not None:
+    np.savez(predictions_file, **arrays)
   return results
 
 

@@ -47,6 +47,9 @@ from fgjax.models import localize
 from fgjax.models import nets
 from fgjax.models import xla_cpu
 
+# Per-image top-1 of every split and head (fgjax.evaluate_run.evaluate_splits).
+PREDICTIONS_FILE = "predictions.npz"
+
 
 class _PolicyContext:
   """What impostor policy hooks may use from the run (impostor_policies.Context)."""
@@ -202,7 +205,8 @@ class Run:
 
   def make_update(self):
     return xla_cpu.jit(update_lib.make_update(self.network, self.objective, self.tx,
-                                              frozen=self.frozen, forward=self.forward),
+                                              frozen=self.frozen, forward=self.forward,
+                                              seed=int(self.config.seed)),
                        donate_argnums=(0,))
 
   def policy_context(self) -> _PolicyContext:
@@ -294,7 +298,9 @@ def _evaluate(run: Run, state, workdir: str) -> tuple[dict[str, Any], tuple]:
   nca = run.config.loss.get("nca")
   results = evaluate_run.evaluate_splits(
       outputs, impostors=imps, num_classes=run.num_classes, eval_config=run.config.eval,
-      default_sigma=float(nca.sigma) if nca is not None else 1.0)
+      default_sigma=float(nca.sigma) if nca is not None else 1.0,
+      predictions_file=(os.path.join(workdir, PREDICTIONS_FILE)
+                        if jax.process_index() == 0 else None))
   if "pq_applied" in memory:
     results["pq_applied"] = memory.pop("pq_applied")
   results["memory"] = memory

@@ -56,7 +56,7 @@ def _largest_valid_norm(embedding: jax.Array, valid: jax.Array) -> jax.Array:
 def make_update(network, objective: objectives.Objective,
                 tx: optax.GradientTransformation, *,
                 frozen: frozenset[tuple[str, ...]],
-                forward: str):
+                forward: str, seed: int = 0):
   """update(state, batch) -> (state, metrics) for the given network and loss.
 
   Args:
@@ -65,6 +65,9 @@ def make_update(network, objective: objectives.Objective,
     tx: the optimiser over `state.trainable()`.
     frozen: parameter subtrees that do not train (optim.frozen_paths).
     forward: one of FORWARDS (module docstring).
+    seed: networks that draw at random while training (e.g. which attention map
+      masks an image) read `self.make_rng('augment')`; its key is
+      fold_in(key(seed), step), so a resumed run draws what it would have drawn.
 
   The batch holds 'label', 'index' (the example's own impostor), 'valid' (False rows
   weigh zero) and 'image' (normalised NHWC) or, for forward='heads', 'backbone'.
@@ -73,19 +76,22 @@ def make_update(network, objective: objectives.Objective,
     raise ValueError(f"forward={forward!r}; use one of {', '.join(FORWARDS)}.")
   net = network.module
 
+  base_key = jax.random.key(seed)
+
   def outputs_and_stats(net_params, state, batch):
     variables = {"params": stop_frozen(net_params, frozen)}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
+    rngs = {"augment": jax.random.fold_in(base_key, state.step)}
     if forward == "heads":
-      return net.apply(variables, batch["backbone"], train=True,
-                       method="head"), state.batch_stats
+      return net.apply(variables, batch["backbone"], train=True, method="head",
+                       rngs=rngs), state.batch_stats
     if forward == "train" and state.batch_stats:
       outputs, mutated = net.apply(variables, batch["image"], train=True,
-                                   mutable=["batch_stats"])
+                                   mutable=["batch_stats"], rngs=rngs)
       return outputs, mutated["batch_stats"]
     return net.apply(variables, batch["image"], train=True,
-                     backbone_train=False), state.batch_stats
+                     backbone_train=False, rngs=rngs), state.batch_stats
 
   def update(state: train_state_lib.TrainState, batch: dict[str, Any]):
     def loss_fn(trainable):

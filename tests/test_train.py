@@ -77,6 +77,11 @@ def test_digits_loose_learns_and_writes_results(tmp_path):
   losses = read_losses(tmp_path)
   assert np.mean([losses[s] for s in range(51, 61)]) < np.mean([losses[s] for s in range(1, 11)])
   assert (tmp_path / "tensorboard").is_dir()
+  # Per-image predictions for paired tests between runs, matching the reported top-1.
+  preds = np.load(tmp_path / train.PREDICTIONS_FILE)
+  assert set(preds.files) == {"val_label", "val_rbf", "test_label", "test_rbf"}
+  assert np.mean(preds["test_rbf"] == preds["test_label"]) == pytest.approx(
+      results["splits"]["test"]["rbf"]["top1"])
 
 
 @pytest.mark.parametrize("scheme", ["ce", "ce_extra", "tied", "fixed"])
@@ -85,10 +90,11 @@ def test_schemes_train(tmp_path, scheme):
                                             "train.num_epochs": 0})
   results = train.train_and_evaluate(config, str(tmp_path))
   test = results["splits"]["test"]
-  if scheme.startswith("ce"):
-    assert "softmax" in test and "rbf" not in test
-  else:
-    assert "rbf" in test and "softmax" not in test
+  head = "softmax" if scheme.startswith("ce") else "rbf"
+  assert set(test) & {"softmax", "rbf"} == {head}
+  preds = np.load(tmp_path / train.PREDICTIONS_FILE)
+  assert np.mean(preds[f"test_{head}"] == preds["test_label"]) == pytest.approx(
+      test[head]["top1"])
   assert all(np.isfinite(v) for v in read_losses(tmp_path).values())
 
 
