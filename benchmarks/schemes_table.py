@@ -57,6 +57,10 @@ _UNKNOWN = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/table1", "Parent of the runs.")
 _FEATURE_CACHE = flags.DEFINE_string(
     "feature_cache_dir", "", "Head-only runs: backbone features shared by the runs.")
+_CRITERION = flags.DEFINE_enum(
+    "sigma_criterion", "top1", ["top1", "nll"], "How val picks the RBF rule's test "
+    "sigma (config.eval.sigma_criterion); runs with 'nll' go to their own group.")
+_TAG = flags.DEFINE_string("tag", "", "Suffix of the group directory.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False,
                                  "Only read finished workdirs and print the table.")
 
@@ -87,6 +91,7 @@ def config_for(scheme: str, lr: float, sigma: float):
   c.impostors.reset_every_epochs = _RESET.value
   unknown = _OTHER.get(_DATASET.value, "") if _UNKNOWN.value == "other" else _UNKNOWN.value
   c.data.unknown_root = unknown
+  c.eval.sigma_criterion = _CRITERION.value
   # Sweep runs are compared, not served: no int8 calibration pass per run.
   c.export.int8_calibration_images = 0
   return c
@@ -99,6 +104,11 @@ def settings(scheme: str):
 
 def run_dir(scheme: str, lr: float, sigma: float) -> str:
   group = f"{_DATASET.value}_{_BACKBONE.value}_{_DEPTH.value.replace(':', '')}"
+  if _IMAGE_SIZE.value:
+    group += f"_{_IMAGE_SIZE.value}px"
+  if _CRITERION.value != "top1":
+    group += f"_sigma{_CRITERION.value}"
+  group += _TAG.value
   name = f"{scheme}_lr{lr:g}" + (f"_s{sigma:g}" if scheme in _NCA_SCHEMES else "")
   return os.path.join(_WORKDIR.value, group, name)
 

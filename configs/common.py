@@ -39,6 +39,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.localizer_size = 64
   c.model.localizer_map_size = 7
   c.model.localizer_tau = 0.2
+  # BAP networks (fgjax/models/bap.py: 'bap', 'bap_impostor'; coarse2fine.py: 'c2f'):
+  # M attention maps (WS-DAN 32, Coarse2Fine 8), the factor on the unit BAP vector
+  # (WS-DAN's 100), Coarse2Fine's orthogonal init of the attention conv (Algorithm 1),
+  # WS-DAN's attention cropping / dropping (net 'bap'; not on cached features).
+  c.model.attention_maps = 32
+  c.model.bap_scale = 100.0
+  c.model.attention_orthogonal_init = False
+  c.model.attention_crop_drop = False
+  # Net 'c2f': which prediction 'logits' is (coarse | fine | average), the up-sampler's
+  # width and its synthetic pre-training at init (the paper: 60,000 pairs, 100 epochs;
+  # 0 pairs: none).
+  c.model.c2f_mode = "average"
+  c.model.upsampler_width = 8
+  c.model.upsampler_pretrain_pairs = 0
+  c.model.upsampler_pretrain_epochs = 1
   c.model.trainable = "all"   # 'all' | 'head' | 'last:N' backbone blocks (CPU budgets)
   # Top-level parameter groups that do not train either, comma-separated (e.g.
   # 'embed,classifier' while only a localization module trains).
@@ -114,6 +129,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.elope = ml_collections.ConfigDict({"weight": 2.0, "input": "embedding",
                                             "alpha": 0.5, "gamma": 16.0,
                                             "margin": 0.75, "normalize": True})
+  # Second heads' cross-entropies: Coarse2Fine's fine pass (eq. 4), WS-DAN's attention
+  # crops and drops (WS-DAN.PyTorch weighs raw, crop and drop 1/3 each).
+  c.loss.ce_fine = ml_collections.ConfigDict({"weight": 1.0, "input": "fine_logits"})
+  c.loss.ce_crop = ml_collections.ConfigDict({"weight": 1.0, "input": "crop_logits"})
+  c.loss.ce_drop = ml_collections.ConfigDict({"weight": 1.0, "input": "drop_logits"})
+  # Attention center loss (Coarse2Fine eq. 2-3, WS-DAN): weight = lambda of eq. (4)
+  # (1.0), centers moved by beta (WS-DAN 5e-2) towards the part features; the centers
+  # l2-normalised in the loss (normalize_center, WS-DAN.PyTorch); fine_input: a second
+  # part-feature output joining it (net 'c2f': 'fine_part_features', Algorithm 1).
+  c.loss.attention_center = ml_collections.ConfigDict({
+      "weight": 1.0, "input": "part_features", "beta": 0.05, "normalize_center": True,
+      "fine_input": ""})
   # ELoPE section 5: smooth L1 of the localization module's heat map.
   c.loss.heatmap = ml_collections.ConfigDict({"weight": 1.0, "input": "heatmap",
                                               "target": "heatmap_target"})

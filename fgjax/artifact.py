@@ -305,9 +305,10 @@ class Model:
   def explain(self, images: np.ndarray) -> dict[str, np.ndarray]:
     """Where the network looks: {'heatmap' (N, I, J), 'box' (N, 4) normalised}.
 
-    The localization module's prediction and box for ELoPE's localized network, else
-    the channel mean of the last conv map (ELoPE section 5) and its box at the
-    config's threshold. Runs with jax.jit whatever the serving engine.
+    The localization module's prediction and box for ELoPE's localized network, the
+    mean attention map for the BAP networks (WS-DAN's localization), else the channel
+    mean of the last conv map (ELoPE section 5); boxes at the config's threshold.
+    Runs with jax.jit whatever the serving engine.
     """
     if self._explain is None:
       module, tau = self.network.module, float(self.meta["model"]["localizer_tau"])
@@ -317,6 +318,9 @@ class Model:
         out = module.apply(v, x, train=False)
         if "heatmap" in outputs:
           return {"heatmap": out["heatmap"], "box": out["box"]}
+        if "attention" in outputs:  # BAP networks: the mean attention map (WS-DAN)
+          heat = out["attention"].mean(axis=-1)
+          return {"heatmap": heat, "box": localize.heatmap_boxes(heat, tau)}
         return {"heatmap": out["mean_map"],
                 "box": localize.heatmap_boxes(out["mean_map"], tau)}
       jitted = xla_cpu.jit(looks)

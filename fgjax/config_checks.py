@@ -104,6 +104,7 @@ def validate(config: Any) -> None:
   if any(s <= 0 for s in grid):
     raise ValueError(f"config.eval.sigma_grid={grid} has a value <= 0; sigmas must be > 0.")
   _validate_loss(config)
+  _validate_bap(config)
   _validate_pq(config)
   _validate_export(config)
   _validate_early_exit(config)
@@ -134,7 +135,7 @@ def _validate_loss(config: Any) -> None:
     if name not in config.loss:
       raise ValueError(f"config.loss.{name} is missing; configs/common.py has its "
                        "defaults.")
-    for option in ("alpha", "gamma", "margin"):
+    for option in ("alpha", "gamma", "margin", "beta"):
       if option in config.loss[name]:
         _positive(config, f"loss.{name}.{option}", allow_zero=True)
     # A term with weight 0 is a silent no-op: almost always a forgotten flag.
@@ -143,6 +144,36 @@ def _validate_loss(config: Any) -> None:
                        "in the loss needs a weight > 0 (ELoPE eq. 1 uses 2.0 for "
                        f"'elope'); drop {name!r} from config.loss.terms / extra_terms "
                        "instead.")
+
+
+def _validate_bap(config: Any) -> None:
+  """The BAP networks' fields (fgjax/models/bap.py, coarse2fine.py), where present."""
+  model = config.model
+  if "attention_maps" in model:
+    maps = model.attention_maps
+    if isinstance(maps, bool) or not isinstance(maps, int) or maps < 1:
+      raise ValueError(f"config.model.attention_maps={maps!r} must be an int >= 1 "
+                       "(WS-DAN: 32; Coarse2Fine: 8).")
+  for path in ("model.bap_scale", "model.upsampler_width"):
+    if _has(config, path):
+      _positive(config, path)
+  for path in ("model.upsampler_pretrain_pairs", "model.upsampler_pretrain_epochs"):
+    if _has(config, path):
+      _positive(config, path, allow_zero=True)
+  if _has(config, "model.c2f_mode"):
+    from fgjax.models import coarse2fine  # pylint: disable=g-import-not-at-top
+    _one_of(config, "model.c2f_mode", coarse2fine.MODES)
+  # These passes run the backbone again on transformed images every step, which
+  # cached backbone outputs cannot do.
+  net = schemes.resolve(config).net
+  needs_images = net == "c2f" or (net == "bap" and model.get("attention_crop_drop"))
+  if needs_images and config.train.cache_features:
+    what = ("net 'c2f' (its fine pass runs the backbone on the masked image)"
+            if net == "c2f" else "config.model.attention_crop_drop (WS-DAN's crops and "
+            "drops run the backbone again)")
+    raise ValueError(f"config.train.cache_features=True cannot train {what}: set "
+                     "config.train.cache_features=False (config.model.trainable='head' "
+                     "still freezes the backbone).")
 
 
 def _validate_export(config: Any) -> None:
@@ -207,11 +238,13 @@ def check_compatible(resolved, network, objective, policy,
                      f"{network.name!r} does not have; its parameter groups are "
                      f"{', '.join(sorted(param_groups))}.")
   for term in objective.terms:
-    if term.input not in output_shapes:
-      raise ValueError(
-          f"config.loss.{term.name}.input={term.input!r} is not an output of network "
-          f"{network.name!r} (outputs: {', '.join(sorted(output_shapes))}); "
-          f"scheme {resolved.scheme!r} uses net {resolved.net!r}.")
+    for field in ("input", "fine_input"):  # fine_input: term 'attention_center'
+      read = getattr(term, field, "")
+      if read and read not in output_shapes:
+        raise ValueError(
+            f"config.loss.{term.name}.{field}={read!r} is not an output of network "
+            f"{network.name!r} (outputs: {', '.join(sorted(output_shapes))}); "
+            f"scheme {resolved.scheme!r} uses net {resolved.net!r}.")
   if objective.uses_impostors and not policy.uses_impostors:
     names = [t.name for t in objective.terms if t.uses_impostors]
     raise ValueError(f"loss terms {names} need impostors but config.impostors.policy "

@@ -24,6 +24,9 @@ import numpy as np
 # Bump when the preprocessing or the backbones change what a key's features are.
 FORMAT_VERSION = 3
 _META = ("label", "index")
+# Data fields that never change a split's features: the unknown-images source adds a
+# split of its own (keyed by its file paths) and leaves train, val and test as they are.
+_NOT_IN_KEY = ("unknown_root",)
 
 
 def file_stamp(path: Optional[str]) -> Optional[list]:
@@ -48,7 +51,8 @@ def fingerprint(config: Any, split: str, source: Any, outputs: Sequence[str],
       "trunk": trunk,
       "image_size": int(config.input.image_size),
       "resize_size": int(config.input.resize_size),
-      "data": config.data.to_dict(),
+      "data": {k: v for k, v in config.data.to_dict().items()
+               if k not in _NOT_IN_KEY},
       "split": split,
       "outputs": sorted(outputs),
       "size": len(source),

@@ -13,6 +13,10 @@ the objective adds weight * term in the order given and logs '<name>_loss' per t
 
 Registered terms, each configured by `config.loss.<name>` (weight, input, options):
   ce          softmax cross-entropy on 'logits'; logs train_accuracy.
+  ce_fine, ce_crop, ce_drop
+              the same on a second head's logits: Coarse2Fine's fine pass
+              ('fine_logits', eq. 4), WS-DAN's attention crop / drop ('crop_logits',
+              'drop_logits'); log train_<fine|crop|drop>_accuracy.
   exit_ce     the mean cross-entropy of the exit heads' 'exit_logits' (N, M, C) (net
               convnet_exits; sequential early exit's fine-tuning with all heads).
   nca         NCA loss over all impostors, impostor paper eq. (4); each training image
@@ -21,6 +25,9 @@ Registered terms, each configured by `config.loss.<name>` (weight, input, option
               the lambda of eq. (6).
   center      Wen et al. 2016 eq. (2) against class means updated by their eq. (4).
   elope       ELoPE L_e = L_w + L_b, eq. (5), (9), (10), means by eq. (6)-(8).
+  attention_center
+              Coarse2Fine eq. (2)-(3) / WS-DAN: part features (N, M, C) against
+              per-class part centers moved by beta (fgjax.losses.attention).
   heatmap     ELoPE section 5: smooth L1 of the localization module's heat map against
               the trained classifier's (outputs 'heatmap', 'heatmap_target').
 Repeated labels in a batch: the class-mean terms sum every row's contribution to its
@@ -83,6 +90,7 @@ class Term:
 @dataclasses.dataclass(frozen=True)
 class CrossEntropy(Term):
   """Softmax cross-entropy on outputs[input] (N, C) logits."""
+  accuracy_metric: ClassVar[str] = "train_accuracy"
 
   def __call__(self, outputs, batch, impostors, state):
     logits, labels = outputs[self.input], batch["label"]
@@ -90,7 +98,31 @@ class CrossEntropy(Term):
     loss = _valid_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels),
                        weights)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return loss, state, {"train_accuracy": _valid_mean(correct, weights)}
+    return loss, state, {self.accuracy_metric: _valid_mean(correct, weights)}
+
+
+# Second heads' cross-entropies are terms of their own (not one term over several
+# inputs) so that each keeps one `input`, checked against the network's outputs, its
+# own weight (WS-DAN weighs raw, crop and drop 1/3 each) and its own logged loss.
+@register("ce_fine")
+@dataclasses.dataclass(frozen=True)
+class FineCrossEntropy(CrossEntropy):
+  """CE of Coarse2Fine's fine pass, L_fine-grained of eq. (4) ('fine_logits')."""
+  accuracy_metric: ClassVar[str] = "train_fine_accuracy"
+
+
+@register("ce_crop")
+@dataclasses.dataclass(frozen=True)
+class CropCrossEntropy(CrossEntropy):
+  """CE on WS-DAN's attention crops ('crop_logits', net 'bap' with crop_drop)."""
+  accuracy_metric: ClassVar[str] = "train_crop_accuracy"
+
+
+@register("ce_drop")
+@dataclasses.dataclass(frozen=True)
+class DropCrossEntropy(CrossEntropy):
+  """CE on WS-DAN's attention-dropped images ('drop_logits')."""
+  accuracy_metric: ClassVar[str] = "train_drop_accuracy"
 
 
 @register("exit_ce")
@@ -199,6 +231,45 @@ class ELoPE(_ClassMeanTerm):
                                         self.alpha, self.gamma, self.margin,
                                         batch["valid"].astype(jnp.float32))
     return loss, new_means, {}
+
+
+@register("attention_center")
+@dataclasses.dataclass(frozen=True)
+class AttentionCenter(Term):
+  """Attention center loss, Coarse2Fine eq. (2)-(3) / WS-DAN eq. (9): the mean over valid
+  rows of sum_{m,c} (f - r_y)^2 on part features outputs[input] (N, M, C), against
+  per-class centers (num_classes, M, C) that start at zero and move by
+  c_y <- c_y + beta * sum_i (f_i - r_y) (fgjax.losses.attention; the sum over a class's
+  rows, like TF's scatter_sub).
+
+  beta: the center rate (WS-DAN 5e-2). normalize_center: r = c_y l2-normalised over
+  all M*C entries (WS-DAN.PyTorch) instead of c_y. fine_input: a second output of the
+  same shape whose rows join the loss and the update (Coarse2Fine Algorithm 1 line 12,
+  L_center(CoarseFeats + FineFeats): the mean is then over both sets of rows); '' none.
+  """
+  beta: float = 0.05
+  normalize_center: bool = True
+  fine_input: str = ""
+
+  def init_state(self, num_classes, input_shape):
+    if len(input_shape) != 2:
+      raise ValueError(f"config.loss.attention_center.input={self.input!r} has shape "
+                       f"{tuple(input_shape)} per example; the term needs part "
+                       "features (M, C), e.g. 'part_features' of net 'bap' or 'c2f'.")
+    return jnp.zeros((num_classes,) + tuple(input_shape), jnp.float32)
+
+  def __call__(self, outputs, batch, impostors, centers):
+    inputs = (self.input, self.fine_input) if self.fine_input else (self.input,)
+    f = jnp.concatenate([outputs[k].astype(jnp.float32) for k in inputs])
+    labels = jnp.tile(batch["label"], len(inputs))
+    weights = jnp.tile(batch["valid"].astype(jnp.float32), len(inputs))
+    centers = jax.lax.stop_gradient(centers)
+    ref = (_unit_rows(centers.reshape(centers.shape[0], -1)).reshape(centers.shape)
+           if self.normalize_center else centers)
+    loss = _valid_mean(losses.attention_center_loss(f, labels, ref), weights)
+    new_centers = losses.update_attention_centers(
+        centers, jax.lax.stop_gradient(f), labels, self.beta, weights, reference=ref)
+    return loss, new_centers, {}
 
 
 @register("heatmap")

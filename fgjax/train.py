@@ -43,6 +43,7 @@ from fgjax import train_state as train_state_lib
 from fgjax import update as update_lib
 from fgjax import visualize
 from fgjax import workdir as workdir_lib
+from fgjax.models import bap
 from fgjax.models import localize
 from fgjax.models import nets
 from fgjax.models import xla_cpu
@@ -319,6 +320,8 @@ def _evaluate(run: Run, state, workdir: str) -> tuple[dict[str, Any], tuple]:
       results["reliability_picture"] = "reliability.png"
     except ImportError as e:  # The numbers stay; only the picture needs matplotlib.
       results["reliability_picture"] = f"not drawn: {e}"
+  if "attention" in run.output_shapes and jax.process_index() == 0:  # BAP networks
+    results["attention_picture"] = bap.attention_pictures(run, variables, workdir)
   if run.config.eval.localization and run.outputs.has("test"):
     results["localization"] = _localization(run, variables, workdir)
   results["num_classes"] = run.num_classes

@@ -1,5 +1,5 @@
-"""Pictures people look at: heat maps over images, with predicted and true boxes, and
-reliability diagrams.
+"""Pictures people look at: heat maps over images, with predicted and true boxes,
+attention maps, and reliability diagrams.
 
 Needs matplotlib (the optional 'plots' extra, in the test extras); callers that must not
 fail for a picture catch ImportError.
@@ -65,6 +65,53 @@ def heatmap_grid(path: str, images: np.ndarray, heatmaps: np.ndarray,
                                      **style))
     if titles is not None:
       ax.set_title(str(titles[k])[:40], fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
+def attention_grid(path: str, images: np.ndarray, attention: np.ndarray,
+                   titles: Optional[Sequence[str]] = None, max_maps: int = 8) -> str:
+  """Writes a PNG grid of attention maps (WS-DAN / Coarse2Fine Fig. 6): one row per
+  image, its mean map first, then the first `max_maps` maps, each min-max normalised
+  and overlaid on the image (jet, half transparent).
+
+  Args:
+    path: the PNG to write.
+    images: (N, H, W, 3) uint8.
+    attention: (N, I, J, M) attention maps (any scale).
+    titles: optional N captions (on the mean map).
+  Returns:
+    `path`.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  attention = np.asarray(attention, np.float64)
+  if len(images) == 0 or attention.ndim != 4 or len(attention) != len(images):
+    raise ValueError(f"attention_grid needs N >= 1 images and (N, I, J, M) maps; got "
+                     f"{len(images)} images and maps of shape {attention.shape}.")
+  maps = min(max_maps, attention.shape[-1])
+  n, cols = len(images), maps + 1
+  fig, axes = plt.subplots(n, cols, figsize=(2 * cols, 2.1 * n), squeeze=False)
+  for k in range(n):
+    h, w = images[k].shape[:2]
+    panels = [attention[k].mean(-1)] + [attention[k, ..., m] for m in range(maps)]
+    for j, heat in enumerate(panels):
+      ax = axes[k, j]
+      ax.axis("off")
+      span = heat.max() - heat.min()
+      heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+      ax.imshow(images[k])
+      ax.imshow(heat, cmap="jet", alpha=0.45, extent=(0, w, h, 0),
+                interpolation="bilinear")
+      label = "mean" if j == 0 else f"map {j - 1}"
+      if j == 0 and titles is not None:
+        label = f"{str(titles[k])[:24]}: mean"
+      ax.set_title(label, fontsize=7)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=80)

@@ -37,7 +37,16 @@ _LENGTH = ("train.num_epochs", "train.num_steps")
 # runs did: absent from an old config.json and equal to this in the new config, they
 # are no change. (loss.<term> sections are read only when the term is in the loss.)
 _ADDED_LATER = {"model.exit_stages": [], "loss.exit_ce.weight": None,
-                "loss.exit_ce.input": None}
+                "loss.exit_ce.input": None,
+                # Read only by the BAP networks (bap, bap_impostor, c2f).
+                **{f"model.{f}": None for f in (
+                    "attention_maps", "bap_scale", "attention_orthogonal_init",
+                    "attention_crop_drop", "c2f_mode", "upsampler_width",
+                    "upsampler_pretrain_pairs", "upsampler_pretrain_epochs")},
+                **{f"loss.{t}.{f}": None for t in ("ce_fine", "ce_crop", "ce_drop")
+                   for f in ("weight", "input")},
+                **{f"loss.attention_center.{f}": None for f in (
+                    "weight", "input", "beta", "normalize_center", "fine_input")}}
 
 
 def write_json(path: str, obj: Any) -> None:

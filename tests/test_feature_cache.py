@@ -62,6 +62,10 @@ def test_fingerprint_separates_what_changes_features(tmp_path):
   trunk = {"backbone": "small_cnn", "pretrained": False}
   key = feature_cache.fingerprint(config, "val", splits.val, out, trunk)
   assert key == feature_cache.fingerprint(head_config(), "val", splits.val, out, trunk)
+  # An open-set source beside the run leaves the known splits' features (and keys) alone.
+  with_unknown = head_config()
+  with_unknown.data.unknown_root = "birds525"
+  assert key == feature_cache.fingerprint(with_unknown, "val", splits.val, out, trunk)
   assert key != feature_cache.fingerprint(config, "test", splits.test, out, trunk)
   assert key != feature_cache.fingerprint(config, "val", splits.val, ("map",), trunk)
   assert key != feature_cache.fingerprint(config, "val", splits.val, out,

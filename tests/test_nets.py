@@ -20,11 +20,16 @@ def model_config(**overrides):
 
 
 def test_registered_names():
-  assert nets.names() == ("convnet", "convnet_exits", "convnet_extra", "elope",
-                          "elope_localized", "impostor")
+  assert nets.names() == ("bap", "bap_impostor", "c2f", "convnet", "convnet_exits",
+                          "convnet_extra", "elope", "elope_localized", "impostor")
 
 
-@pytest.mark.parametrize("net", nets.names())
+# The attention networks pool by bilinear attention, not by config.model.pooling: their
+# outputs and head path are tested in tests/test_bap.py and tests/test_coarse2fine.py.
+_ATTENTION_NETS = ("bap", "bap_impostor", "c2f")
+
+
+@pytest.mark.parametrize("net", [n for n in nets.names() if n not in _ATTENTION_NETS])
 @pytest.mark.parametrize("pool", pooling.names())
 def test_outputs_and_head_path(net, pool):
   network = nets.build(model_config(net=net, pooling=pool), num_classes=7)

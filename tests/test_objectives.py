@@ -29,7 +29,8 @@ def _setup(seed=0, b=6, e=4, c=3, m=6):
 
 
 def test_registered_terms():
-  assert objectives.names() == ("attachment", "ce", "center", "elope", "exit_ce",
+  assert objectives.names() == ("attachment", "attention_center", "ce", "ce_crop",
+                                "ce_drop", "ce_fine", "center", "elope", "exit_ce",
                                 "heatmap", "nca")
 
 

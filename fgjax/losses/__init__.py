@@ -5,10 +5,13 @@
 * `attachment_loss`: loose-impostor attachment term, eq. (6).
 * `center_loss`: Wen et al. 2016.
 * `update_class_means`, `elope_loss`: ELoPE Sec. 4, eq. (5)-(10).
+* `attention_center_loss`, `update_attention_centers`: Coarse2Fine eq. (2)-(3) / WS-DAN.
 * `squared_distances`, `rbf_logits`, `masked_logsumexp`: kernel helpers shared
   with `fgjax.impostors`.
 """
 
+from fgjax.losses.attention import attention_center_loss
+from fgjax.losses.attention import update_attention_centers
 from fgjax.losses.center import attachment_loss
 from fgjax.losses.center import center_loss
 from fgjax.losses.elope import elope_loss
@@ -19,6 +22,7 @@ from fgjax.losses.nca import rbf_logits
 from fgjax.losses.nca import squared_distances
 
 __all__ = [
-    "attachment_loss", "center_loss", "elope_loss", "update_class_means",
+    "attachment_loss", "attention_center_loss", "update_attention_centers",
+    "center_loss", "elope_loss", "update_class_means",
     "masked_logsumexp", "nca_loss", "rbf_logits", "squared_distances",
 ]

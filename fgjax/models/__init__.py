@@ -9,6 +9,8 @@ outputs dict.
 """
 
 # Networks register by importing their modules.
+from fgjax.models import bap  # noqa: F401  pylint: disable=unused-import
+from fgjax.models import coarse2fine  # noqa: F401  pylint: disable=unused-import
 from fgjax.models import localized  # noqa: F401  pylint: disable=unused-import
 from fgjax.models import nets  # noqa: F401  pylint: disable=unused-import
 from fgjax.models.registry import get

@@ -1,0 +1,29 @@
+"""cars196 (196 car models), bilinear attention pooling (WS-DAN, Hu & Qi 2019) on
+EfficientNet-Lite0: 32 attention maps (1x1 conv + BN + ReLU) on the last conv map,
+BAP features (signed square root, l2-normalised, x 100) -> softmax classifier, trained
+with cross-entropy plus the attention center loss (lambda 1, beta 5e-2; WS-DAN eq. 9,
+Coarse2Fine eq. 2-3), head-only on cached features of the frozen ImageNet backbone
+(the 2-core CPU setting of the other cars196 configs; learning rate 3e-4 as there, not
+tuned for BAP).
+
+WS-DAN's attention cropping and dropping need the backbone on every step's images:
+add --config.model.attention_crop_drop=True --config.train.cache_features=False
+--config.loss.terms=ce,ce_crop,ce_drop,attention_center (WS-DAN weighs the three
+cross-entropies 1/3 each: --config.loss.ce.weight=0.333 and the same for ce_crop,
+ce_drop).
+
+Run:
+  python launch.py --config=configs/cars196_bap.py --workdir=workdirs/cars196_bap
+
+Result: not yet run.
+"""
+
+from configs import common
+
+
+def get_config():
+  c = common.folder_schemes("cars196", "ce", learning_rate=3e-4)
+  c.model.net = "bap"
+  c.model.attention_maps = 32
+  c.loss.terms = "ce,attention_center"
+  return c
