@@ -27,12 +27,11 @@ import time
 
 from absl import app
 from absl import flags
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import sweep_rows  # noqa: E402
 from configs import common  # noqa: E402
-from fgjax import stats  # noqa: E402
 
 _NCA_SCHEMES = ("tied", "fixed", "loose")
 _OTHER = {"cars196": "birds525", "birds525": "cars196"}
@@ -113,52 +112,6 @@ def run_dir(scheme: str, lr: float, sigma: float) -> str:
   return os.path.join(_WORKDIR.value, group, name)
 
 
-def _head(results: dict) -> str:
-  return "rbf" if "rbf" in results["splits"]["test"] else "softmax"
-
-
-def row_of(scheme: str, lr: float, sigma: float, workdir: str, results: dict) -> dict:
-  head = _head(results)
-  test = results["splits"]["test"]
-  n = int(test["num_examples"])
-  cal = test["calibration"]
-  row = {"scheme": scheme, "lr": lr, "train_sigma": sigma if scheme in _NCA_SCHEMES else None,
-         "workdir": workdir, "classifier": head,
-         "val_top1": results["splits"]["val"][head]["top1"],
-         "test_top1": test[head]["top1"], "test_top5": test[head]["top5"],
-         "test_top1_se": stats.binomial_se(test[head]["top1"], n), "test_images": n,
-         "test_sigma": results.get("sigma") if head == "rbf" else None,
-         "ece": cal[head]["ece"], "nll": cal[head]["nll"],
-         "train_seconds": results.get("train_seconds")}
-  if "softmax_temperature" in cal:
-    row["ece_temperature"] = cal["softmax_temperature"]["ece"]
-    row["nll_temperature"] = cal["softmax_temperature"]["nll"]
-  if "openset" in results:
-    row["openset_ks"] = results["openset"]["ks"]
-    row["openset_auroc"] = results["openset"]["auroc"]
-  return row
-
-
-def choose(rows: list[dict]) -> dict:
-  """The scheme's row with the best val top-1; the first in grid order on ties."""
-  return max(enumerate(rows), key=lambda ir: (ir[1]["val_top1"], -ir[0]))[1]
-
-
-def paired(best: dict, baseline: dict) -> dict:
-  """McNemar's exact test of two chosen rows on their test images."""
-  a = np.load(os.path.join(best["workdir"], "predictions.npz"))
-  b = np.load(os.path.join(baseline["workdir"], "predictions.npz"))
-  if not np.array_equal(a["test_label"], b["test_label"]):
-    raise ValueError(f"{best['workdir']} and {baseline['workdir']} were tested on "
-                     "different images; a paired test needs the same test split.")
-  return stats.mcnemar(a[f"test_{best['classifier']}"],
-                       b[f"test_{baseline['classifier']}"], a["test_label"])
-
-
-def _fmt(x, spec=".3f"):
-  return "-" if x is None else format(x, spec)
-
-
 def markdown(chosen: list[dict], sweep: dict[str, list[dict]]) -> str:
   lines = [f"{_DATASET.value}, {_BACKBONE.value}, depth={_DEPTH.value}, "
            f"epochs={_EPOCHS.value}, {_image_size()} px, {platform.node()} "
@@ -172,16 +125,17 @@ def markdown(chosen: list[dict], sweep: dict[str, list[dict]]) -> str:
   lines += ["", "| scheme | classifier | lr | train sigma | val top-1 | **test top-1 "
             "± SE** | test top-5 | test sigma | ECE | NLL | ECE / NLL, temp.-scaled | "
             "open-set KS | AUROC | train s |", "|" + "---|" * 14]
+  fmt = sweep_rows.fmt
   for r in chosen:
     temp = (f"{r['ece_temperature']:.3f} / {r['nll_temperature']:.3f}"
             if "ece_temperature" in r else "-")
     lines.append(
         f"| {r['scheme']} | {r['classifier']} | {r['lr']:g} | "
-        f"{_fmt(r['train_sigma'], 'g')} | {r['val_top1']:.3f} | "
+        f"{fmt(r['train_sigma'], 'g')} | {r['val_top1']:.3f} | "
         f"**{r['test_top1']:.3f} ± {r['test_top1_se']:.3f}** | {r['test_top5']:.3f} | "
-        f"{_fmt(r['test_sigma'], 'g')} | {r['ece']:.3f} | {r['nll']:.3f} | {temp} | "
-        f"{_fmt(r.get('openset_ks'))} | {_fmt(r.get('openset_auroc'))} | "
-        f"{_fmt(r['train_seconds'], '.0f')} |")
+        f"{fmt(r['test_sigma'], 'g')} | {r['ece']:.3f} | {r['nll']:.3f} | {temp} | "
+        f"{fmt(r.get('openset_ks'))} | {fmt(r.get('openset_auroc'))} | "
+        f"{fmt(r['train_seconds'], '.0f')} |")
   return "\n".join(lines)
 
 
@@ -200,18 +154,19 @@ def main(argv):
           continue
         train.train_and_evaluate(config_for(scheme, lr, sigma), workdir)
       with open(path) as f:
-        sweep.setdefault(scheme, []).append(row_of(scheme, lr, sigma, workdir,
-                                                   json.load(f)))
+        sweep.setdefault(scheme, []).append(sweep_rows.row_of(
+            scheme, lr, sigma if scheme in _NCA_SCHEMES else None, workdir,
+            json.load(f)))
       with open(os.path.join(group, "sweep.json"), "w") as f:
         json.dump(sweep, f, indent=1)
-  chosen = [choose(rows) for rows in sweep.values()]
+  chosen = [sweep_rows.choose(rows) for rows in sweep.values()]
   summary = {"chosen": chosen, "sweep": sweep}
   by_scheme = {r["scheme"]: r for r in chosen}
   impostor = [r for r in chosen if r["classifier"] == "rbf"]
   if "ce" in by_scheme and impostor:
-    best = choose(impostor)  # by val, like every other choice here
+    best = sweep_rows.choose(impostor)  # by val, like every other choice here
     summary["paired"] = {"best_impostor": best["scheme"], "baseline": "ce",
-                         **paired(best, by_scheme["ce"])}
+                         **sweep_rows.paired(best, by_scheme["ce"])}
   text = markdown(chosen, sweep)
   if "paired" in summary:
     p = summary["paired"]

@@ -168,6 +168,9 @@ def get_config() -> ml_collections.ConfigDict:
   # source has them) and <workdir>/localization.png (heat maps, boxes).
   c.eval.localization = False
   c.eval.k = 64
+  # More softmax heads to report besides 'logits', by output name, e.g. Coarse2Fine's
+  # ('coarse_logits', 'fine_logits'): every inference mode from one evaluation.
+  c.eval.extra_logits = ()
 
   # What the artifact (<workdir>/artifact) carries for serving. engine='onnx-int8'
   # (fgjax.export.int8) needs activation ranges: calibrated at export on this many

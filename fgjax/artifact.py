@@ -303,7 +303,8 @@ class Model:
     return self._sequential
 
   def explain(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Where the network looks: {'heatmap' (N, I, J), 'box' (N, 4) normalised}.
+    """Where the network looks: {'heatmap' (N, I, J), 'box' (N, 4) normalised}, and
+    for the BAP networks also 'attention' (N, I, J, M), every attention map.
 
     The localization module's prediction and box for ELoPE's localized network, the
     mean attention map for the BAP networks (WS-DAN's localization), else the channel
@@ -320,7 +321,8 @@ class Model:
           return {"heatmap": out["heatmap"], "box": out["box"]}
         if "attention" in outputs:  # BAP networks: the mean attention map (WS-DAN)
           heat = out["attention"].mean(axis=-1)
-          return {"heatmap": heat, "box": localize.heatmap_boxes(heat, tau)}
+          return {"heatmap": heat, "box": localize.heatmap_boxes(heat, tau),
+                  "attention": out["attention"]}
         return {"heatmap": out["mean_map"],
                 "box": localize.heatmap_boxes(out["mean_map"], tau)}
       jitted = xla_cpu.jit(looks)

@@ -8,7 +8,7 @@ open-set entropy report of section 4.2 is written next to results.json.
 """
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ from fgjax import impostors as impostors_lib
 def evaluate_splits(outputs: dict[str, dict[str, np.ndarray]], *,
                     impostors: Optional[impostors_lib.ImpostorSet], num_classes: int,
                     eval_config, default_sigma: float,
+                    extra_logits: Sequence[str] = (),
                     predictions_file: Optional[str] = None) -> dict[str, Any]:
   """Accuracies of every split in `outputs`; sigma of the RBF rule chosen on 'val'.
 
@@ -31,6 +32,8 @@ def evaluate_splits(outputs: dict[str, dict[str, np.ndarray]], *,
     num_classes: C.
     eval_config: config.eval (sigma_grid, search, k).
     default_sigma: the sigma used when there is no grid or no validation split.
+    extra_logits: more (N, C) outputs of `outputs` scored like 'logits' (top-k,
+      '<split>_<name>' predictions), under each split's 'heads': {name: accuracies}.
     predictions_file: where to write every split's labels and each head's top-1
       class per image (npz: '<split>_label', '<split>_rbf', '<split>_softmax'), the
       input of a paired test between runs (fgjax.stats.mcnemar); None: not written.
@@ -68,6 +71,12 @@ def evaluate_splits(outputs: dict[str, dict[str, np.ndarray]], *,
         predictions=predictions)
     arrays[f"{name}_label"] = np.asarray(out["label"], np.int32)
     arrays.update({f"{name}_{head}": p for head, p in predictions.items()})
+    if extra_logits:
+      results["splits"][name]["heads"] = {
+          head: evaluate.topk_accuracy(out[head], out["label"], (1, 5))
+          for head in extra_logits}
+      arrays.update({f"{name}_{head}": np.asarray(out[head]).argmax(-1).astype(np.int32)
+                     for head in extra_logits})
   if predictions_file is not None:
     np.savez(predictions_file, **arrays)
   return results

@@ -89,9 +89,10 @@ def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
   or {'path', 'error'} for a file that could not be read.
 
   explain_dir: also write, per batch, a PNG grid of the images with the network's heat
-  map and box (ELoPE: the localization module's, else the channel mean of the last
-  conv map) to <explain_dir>/explain_<k>.png, and add 'box' and 'explained' to each
-  result.
+  map and box (ELoPE: the localization module's; BAP networks: the mean attention map;
+  else the channel mean of the last conv map) to <explain_dir>/explain_<k>.png, and add
+  'box' and 'explained' to each result. BAP networks also get every attention map
+  beside their mean in <explain_dir>/attention_<k>.png ('attention_maps' of a result).
   early_exit: classify by sequential early exit; each result is {'path', 'exit' (the
   backbone output whose head answered), 'top': [{'class', 'index', 'score'}]} (exit
   heads' scores, e.g. SVM decision values, are not probabilities).
@@ -114,10 +115,17 @@ def predict_files(model: artifact.Model, paths: Sequence[str], *, topk: int = 5,
     pictures[0] += 1
     titles = [f"{os.path.basename(paths[i])}: {results[i]['top'][0]['class']}"
               for i, _ in batch]
-    visualize.heatmap_grid(path, np.stack([im for _, im in batch]), looks["heatmap"],
-                           looks["box"], titles=titles)
+    originals = np.stack([im for _, im in batch])
+    visualize.heatmap_grid(path, originals, looks["heatmap"], looks["box"], titles=titles)
+    maps = None
+    if "attention" in looks:
+      maps = visualize.attention_grid(
+          os.path.join(explain_dir, f"attention_{pictures[0] - 1:03d}.png"), originals,
+          looks["attention"], titles=titles)
     for (i, _), box in zip(batch, looks["box"]):
       results[i].update(box=[float(v) for v in box], explained=path)
+      if maps:
+        results[i]["attention_maps"] = maps
 
   def flush():
     if not pending:

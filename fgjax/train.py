@@ -93,6 +93,13 @@ class Run:
     self.objective = objectives.build(self.resolved.terms, config.loss)
     self.policy = impostor_policies.make(self.resolved.policy, config)
     self.output_shapes = self.network.output_shapes(config.input.image_size)
+    # Checked before training: evaluation is where a wrong name would surface.
+    self.extra_logits = tuple(config.eval.get("extra_logits", ()))
+    unknown = [k for k in self.extra_logits if k not in self.output_shapes]
+    if unknown:
+      raise ValueError(f"config.eval.extra_logits names {unknown}, which net "
+                       f"{self.resolved.net!r} does not output; it outputs "
+                       f"{sorted(self.output_shapes)}.")
     abstract_params = jax.eval_shape(
         lambda: self.network.init(config.seed, config.input.image_size))
     self._abstract_variables = abstract_params
@@ -293,6 +300,7 @@ def _compressed_impostors(run: Run, state) -> tuple[Optional[impostors_lib.Impos
 def _evaluate(run: Run, state, workdir: str) -> tuple[dict[str, Any], tuple]:
   imps, memory, quantized = _compressed_impostors(run, state)
   keys = ("embedding", "logits") if run.network.has_logits else ("embedding",)
+  keys += run.extra_logits
   variables = state.variables()
   outputs = {s: run.outputs.outputs(variables, s, keys) for s in ("val", "test")
              if run.outputs.has(s)}
@@ -300,6 +308,7 @@ def _evaluate(run: Run, state, workdir: str) -> tuple[dict[str, Any], tuple]:
   results = evaluate_run.evaluate_splits(
       outputs, impostors=imps, num_classes=run.num_classes, eval_config=run.config.eval,
       default_sigma=float(nca.sigma) if nca is not None else 1.0,
+      extra_logits=run.extra_logits,
       predictions_file=(os.path.join(workdir, PREDICTIONS_FILE)
                         if jax.process_index() == 0 else None))
   if "pq_applied" in memory:

@@ -2,6 +2,7 @@
 (fgjax.losses.attention, objectives term 'attention_center') and WS-DAN's crops/drops."""
 
 import json
+import os
 import pathlib
 
 import jax
@@ -10,13 +11,16 @@ import numpy as np
 import pytest
 
 from configs import common
+from fgjax import artifact
 from fgjax import config_checks
 from fgjax import export
 from fgjax import losses
 from fgjax import objectives
+from fgjax import predict
 from fgjax import train
 from fgjax.models import bap
 from fgjax.models import nets
+from tests.test_predict import digits_test_files
 from tests.test_train import small_config
 
 
@@ -211,6 +215,17 @@ def test_bap_with_crop_drop_trains_end_to_end(tmp_path):
       str(tmp_path), config)
   assert state.loss_state["attention_center"].shape == (10, 4, 128)
   assert float(np.abs(state.loss_state["attention_center"]).max()) > 0
+  # predict --explain: the heat map is the mean attention map, and every map is drawn.
+  model = artifact.Model(str(tmp_path / "artifact"))
+  paths = digits_test_files(config, tmp_path, 3)
+  out = predict.predict_files(model, paths, batch_size=4, explain_dir=str(tmp_path / "x"))
+  assert sorted(os.listdir(tmp_path / "x")) == ["attention_000.png", "explain_000.png"]
+  assert (tmp_path / "x" / "attention_000.png").stat().st_size > 2000
+  assert [r["attention_maps"] for r in out] == [str(tmp_path / "x" / "attention_000.png")] * 3
+  size = model.meta["image_size"]
+  looks = model.explain(np.random.default_rng(0).normal(size=(2, size, size, 3)))
+  assert looks["attention"].shape[-1] == 4
+  np.testing.assert_allclose(looks["heatmap"], looks["attention"].mean(-1), rtol=1e-6)
 
 
 def test_bap_impostor_head_only_on_cached_features(tmp_path):

@@ -179,7 +179,8 @@ def test_c2f_trains_end_to_end(tmp_path):
       "model.upsampler_pretrain_pairs": 64, "model.attention_orthogonal_init": True,
       "input.image_size": 8, "train.batch_size": 32,
       "loss.terms": "ce,ce_fine,attention_center", "loss.ce.input": "coarse_logits",
-      "loss.attention_center.fine_input": "fine_part_features"})
+      "loss.attention_center.fine_input": "fine_part_features",
+      "eval.extra_logits": ("coarse_logits", "fine_logits")})
   results = train.train_and_evaluate(config, str(tmp_path))
   rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   for key in ("loss", "ce_loss", "ce_fine_loss", "attention_center_loss"):
@@ -188,6 +189,14 @@ def test_c2f_trains_end_to_end(tmp_path):
   assert json.loads((tmp_path / "results.json").read_text())["steps"] == 5
   assert np.isfinite(results["splits"]["test"]["softmax"]["top1"])
   assert (tmp_path / "attention.png").exists()
+  # All three inference modes from one evaluation: 'logits' is the average.
+  with np.load(tmp_path / train.PREDICTIONS_FILE) as p:
+    for head in ("coarse_logits", "fine_logits"):
+      got = results["splits"]["test"]["heads"][head]["top1"]
+      assert got == pytest.approx(np.mean(p[f"test_{head}"] == p["test_label"]))
+  config.eval.extra_logits = ("coarse_logits", "fine_logts")
+  with pytest.raises(ValueError, match=r"config.eval.extra_logits names \['fine_logts'\]"):
+    train.Run(config)
 
 
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")),

@@ -1,0 +1,184 @@
+"""Bilinear attention pooling and Coarse2Fine against the GAP baseline (issue 15).
+
+One row per recipe, EfficientNet-Lite0 with its ImageNet weights frozen (trainable=
+'head'), every row trained for the same --epochs at the same size; each row's learning
+rate is chosen on val top-1 of its own classifier and test is reported once:
+
+  gap              the plain ConvNet: GAP -> embedding -> softmax (Table 1's 'ce').
+  bap              32 attention maps -> BAP part features -> softmax, CE only.
+  bap_center       + the attention center loss (Coarse2Fine eq. 2-3, WS-DAN eq. 9).
+  bap_center_orth  + the orthogonal init of the attention conv (Algorithm 1, l. 2-3).
+  bap_loose        BAP part features -> d_em projection -> loose impostors (eq. 6).
+  crop_drop        bap_center with WS-DAN's attention cropping and dropping (three
+                   CE terms of 1/3 each; eval: raw and crop logits averaged).
+  c2f              Coarse2Fine (configs/cars196_c2f.py), evaluated in all three
+                   inference modes at once (config.eval.extra_logits): rows
+                   c2f_coarse, c2f_fine, c2f_average.
+
+gap and the bap rows train on cached backbone outputs (no augmentation, the backbone
+runs once per split); crop_drop and c2f need the backbone on every step's images
+(random crop + flip as the pipeline gives, no cache). Finished runs are read, not
+retrained; the summary is rewritten after every run:
+
+  python benchmarks/attention_table.py --dataset=cars196 --epochs=30 \\
+      --rows=gap,bap,bap_center,bap_center_orth,bap_loose --lrs=3e-4,1e-3 \\
+      --workdir=/work/runs/attention --feature_cache_dir=/work/runs/fcache
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import sweep_rows  # noqa: E402
+from configs import cars196_c2f  # noqa: E402
+from configs import common  # noqa: E402
+
+
+def _bap(c, center=False, orth=False):
+  c.model.net = "bap"
+  c.model.attention_maps = 32
+  c.model.attention_orthogonal_init = orth
+  c.loss.terms = "ce,attention_center" if center else "ce"
+
+
+def _bap_loose(c):
+  _bap(c)
+  c.scheme = "loose"
+  c.model.net = "bap_impostor"
+  c.loss.terms = ""
+  c.loss.nca.sigma = 0.5  # the loose setting chosen on cars196 val (BENCHMARKS 16)
+
+
+def _crop_drop(c):
+  _bap(c, center=True)
+  c.model.attention_crop_drop = True
+  c.train.cache_features = False
+  c.loss.terms = "ce,ce_crop,ce_drop,attention_center"
+  for term in ("ce", "ce_crop", "ce_drop"):  # WS-DAN: the three CEs weigh 1/3 each
+    c.loss[term].weight = 1.0 / 3.0
+
+
+# Row name -> (config edit, the extra softmax heads whose modes become rows).
+ROWS = {
+    "gap": (lambda c: None, {}),
+    "bap": (_bap, {}),
+    "bap_center": (lambda c: _bap(c, center=True), {}),
+    "bap_center_orth": (lambda c: _bap(c, center=True, orth=True), {}),
+    "bap_loose": (_bap_loose, {}),
+    "crop_drop": (_crop_drop, {}),
+    "c2f": (None, {"c2f_coarse": "coarse_logits", "c2f_fine": "fine_logits",
+                   "c2f_average": "softmax"}),
+}
+
+_DATASET = flags.DEFINE_enum("dataset", "cars196", ["cars196", "birds525"], "Data set.")
+_ROWS = flags.DEFINE_list("rows", list(ROWS), f"Rows, of {sorted(ROWS)}.")
+_LRS = flags.DEFINE_list("lrs", ["3e-4", "1e-3"], "Learning-rate grid of every row.")
+_EPOCHS = flags.DEFINE_integer("epochs", 30, "Training epochs of every row.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Crop side (resize to 8/7 first).")
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/attention", "Parent of the runs.")
+_FEATURE_CACHE = flags.DEFINE_string("feature_cache_dir", "",
+                                     "Backbone outputs shared by the cached rows.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False,
+                                 "Only read finished workdirs and print the table.")
+
+
+def config_for(row: str, lr: float):
+  edit, _ = ROWS[row]
+  if edit is None:  # c2f: its own config module, every mode evaluated
+    c = cars196_c2f.coarse2fine(_DATASET.value, learning_rate=lr)
+    c.eval.extra_logits = ("coarse_logits", "fine_logits")
+  else:
+    c = common.folder_schemes(_DATASET.value, "ce", learning_rate=lr)
+    edit(c)
+  if c.train.cache_features and _FEATURE_CACHE.value:
+    c.train.feature_cache_dir = _FEATURE_CACHE.value
+  c.train.num_epochs = _EPOCHS.value
+  c.train.checkpoint_every_steps = 500
+  c.input.image_size = _IMAGE_SIZE.value
+  c.input.resize_size = _IMAGE_SIZE.value * 8 // 7
+  c.data.unknown_root = ""
+  c.export.int8_calibration_images = 0  # compared, not served
+  return c
+
+
+def group_dir() -> str:
+  return os.path.join(_WORKDIR.value,
+                      f"{_DATASET.value}_{_IMAGE_SIZE.value}px_{_EPOCHS.value}ep")
+
+
+def rows_of(row: str, lr: float, workdir: str, results: dict) -> list[dict]:
+  """One table row per inference mode of the run (one for most recipes)."""
+  modes = ROWS[row][1] or {row: None}
+  return [sweep_rows.row_of(name, lr, 0.5 if row == "bap_loose" else None, workdir,
+                            results, head=head) for name, head in modes.items()]
+
+
+def markdown(chosen: list[dict], sweep: dict[str, list[dict]]) -> str:
+  fmt = sweep_rows.fmt
+  lines = [f"{_DATASET.value}, efficientnet_lite0 frozen (head), {_EPOCHS.value} epochs, "
+           f"{_IMAGE_SIZE.value} px, {platform.node()} "
+           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+           "| row | lr: val top-1 |", "|---|---|"]
+  for name, rows in sweep.items():
+    lines.append(f"| {name} | " + ", ".join(f"{r['lr']:g}: {r['val_top1']:.3f}"
+                                           for r in rows) + " |")
+  lines += ["", "| row | classifier | lr | val top-1 | **test top-1 ± SE** | test top-5 "
+            "| ECE | train s |", "|" + "---|" * 8]
+  for r in chosen:
+    lines.append(
+        f"| {r['scheme']} | {r['classifier']} | {r['lr']:g} | {r['val_top1']:.3f} | "
+        f"**{r['test_top1']:.3f} ± {r['test_top1_se']:.3f}** | {r['test_top5']:.3f} | "
+        f"{fmt(r['ece'])} | {fmt(r['train_seconds'], '.0f')} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  from fgjax import train  # pylint: disable=g-import-not-at-top
+  unknown = sorted(set(_ROWS.value) - set(ROWS))
+  if unknown:
+    raise app.UsageError(f"--rows names {unknown}; rows are {sorted(ROWS)}.")
+  group = group_dir()
+  os.makedirs(group, exist_ok=True)
+  sweep: dict[str, list[dict]] = {}
+  for row in _ROWS.value:
+    for lr in map(float, _LRS.value):
+      workdir = os.path.join(group, f"{row}_lr{lr:g}")
+      path = os.path.join(workdir, "results.json")
+      if not os.path.exists(path):
+        if _REPORT_ONLY.value:
+          continue
+        train.train_and_evaluate(config_for(row, lr), workdir)
+      with open(path) as f:
+        results = json.load(f)
+      for r in rows_of(row, lr, workdir, results):
+        sweep.setdefault(r["scheme"], []).append(r)
+      with open(os.path.join(group, "sweep.json"), "w") as f:
+        json.dump(sweep, f, indent=1)
+  chosen = [sweep_rows.choose(rows) for rows in sweep.values()]
+  summary = {"chosen": chosen, "sweep": sweep}
+  text = markdown(chosen, sweep)
+  by_name = {r["scheme"]: r for r in chosen}
+  if "gap" in by_name:
+    tests = {name: sweep_rows.paired(r, by_name["gap"]) for name, r in by_name.items()
+             if name != "gap"}
+    summary["paired_vs_gap"] = tests
+    text += "\n\nMcNemar exact vs gap (only row right / only gap right, p): " + "; ".join(
+        f"{k} {t['only_a_right']}/{t['only_b_right']}, p = {t['p_value']:.2g}"
+        for k, t in tests.items())
+  print(text)
+  with open(os.path.join(group, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  with open(os.path.join(group, "table.md"), "w") as f:
+    f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,71 @@
+"""Rows of a hyperparameter sweep: one finished run's numbers, the choice on val, and
+McNemar's paired test of two chosen runs. Shared by the table scripts
+(schemes_table.py, attention_table.py), which own their grids and flags."""
+
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fgjax import stats  # noqa: E402
+
+
+def classifier(results: dict) -> str:
+  """'rbf' for impostor networks, else 'softmax': the run's own classifier."""
+  return "rbf" if "rbf" in results["splits"]["test"] else "softmax"
+
+
+def _scores(split: dict, head: str) -> dict:
+  # Extra softmax heads (config.eval.extra_logits) sit under 'heads'.
+  return split[head] if head in ("rbf", "softmax") else split["heads"][head]
+
+
+def row_of(name: str, lr: float, sigma: Optional[float], workdir: str, results: dict,
+           head: Optional[str] = None) -> dict:
+  """The numbers of one finished run for a table: val/test top-1 of `head` (default:
+  the run's own classifier), the test top-1's binomial SE, and where `head` is the
+  main one, calibration (ECE, NLL; temperature-scaled for a softmax) and open set."""
+  main = classifier(results)
+  head = head or main
+  test, val = results["splits"]["test"], results["splits"]["val"]
+  n = int(test["num_examples"])
+  row = {"scheme": name, "lr": lr, "train_sigma": sigma, "workdir": workdir,
+         "classifier": head, "val_top1": _scores(val, head)["top1"],
+         "test_top1": _scores(test, head)["top1"], "test_top5": _scores(test, head)["top5"],
+         "test_top1_se": stats.binomial_se(_scores(test, head)["top1"], n),
+         "test_images": n, "test_sigma": results.get("sigma") if head == "rbf" else None,
+         "ece": None, "nll": None, "train_seconds": results.get("train_seconds")}
+  cal = test["calibration"]
+  if head in cal:
+    row["ece"], row["nll"] = cal[head]["ece"], cal[head]["nll"]
+  if head == "softmax" and "softmax_temperature" in cal:
+    row["ece_temperature"] = cal["softmax_temperature"]["ece"]
+    row["nll_temperature"] = cal["softmax_temperature"]["nll"]
+  if "openset" in results and head == main:
+    row["openset_ks"] = results["openset"]["ks"]
+    row["openset_auroc"] = results["openset"]["auroc"]
+  return row
+
+
+def choose(rows: list[dict]) -> dict:
+  """The row with the best val top-1; the first in grid order on ties."""
+  return max(enumerate(rows), key=lambda ir: (ir[1]["val_top1"], -ir[0]))[1]
+
+
+def paired(best: dict, baseline: dict) -> dict:
+  """McNemar's exact test of two chosen rows on their test images (predictions.npz,
+  key 'test_<classifier>' of each row)."""
+  a = np.load(os.path.join(best["workdir"], "predictions.npz"))
+  b = np.load(os.path.join(baseline["workdir"], "predictions.npz"))
+  if not np.array_equal(a["test_label"], b["test_label"]):
+    raise ValueError(f"{best['workdir']} and {baseline['workdir']} were tested on "
+                     "different images; a paired test needs the same test split.")
+  return stats.mcnemar(a[f"test_{best['classifier']}"],
+                       b[f"test_{baseline['classifier']}"], a["test_label"])
+
+
+def fmt(x, spec: str = ".3f") -> str:
+  return "-" if x is None else format(x, spec)
