@@ -15,7 +15,9 @@ ce_drop).
 Run:
   python launch.py --config=configs/cars196_bap.py --workdir=workdirs/cars196_bap
 
-Result: not yet run.
+Result (BENCHMARKS.md section 17, row 'bap + center loss', 2026-12-02): val top-1
+.588, test top-1 .610 +- .010 (the GAP ConvNet: .611); with
+--config.model.attention_orthogonal_init=True: test .624 +- .010.
 """
 
 from configs import common
