@@ -174,10 +174,7 @@ def main(argv):
         f"{k} {t['only_a_right']}/{t['only_b_right']}, p = {t['p_value']:.2g}"
         for k, t in tests.items())
   print(text)
-  with open(os.path.join(group, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  with open(os.path.join(group, "table.md"), "w") as f:
-    f.write(text + "\n")
+  sweep_rows.write_summary(group, summary, text)
 
 
 if __name__ == "__main__":

@@ -175,10 +175,7 @@ def main(argv):
              f"{p['best_impostor']} right on {p['only_a_right']}, only ce right on "
              f"{p['only_b_right']}, McNemar exact p = {p['p_value']:.3g}.")
   print(text)
-  with open(os.path.join(group, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  with open(os.path.join(group, "table.md"), "w") as f:
-    f.write(text + "\n")
+  sweep_rows.write_summary(group, summary, text)
 
 
 if __name__ == "__main__":

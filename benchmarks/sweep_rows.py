@@ -2,6 +2,7 @@
 McNemar's paired test of two chosen runs. Shared by the table scripts
 (schemes_table.py, attention_table.py), which own their grids and flags."""
 
+import json
 import os
 import sys
 from typing import Optional
@@ -69,3 +70,11 @@ def paired(best: dict, baseline: dict) -> dict:
 
 def fmt(x, spec: str = ".3f") -> str:
   return "-" if x is None else format(x, spec)
+
+
+def write_summary(group: str, summary: dict, text: str) -> None:
+  """<group>/summary.json (the chosen rows and the sweep) and <group>/table.md."""
+  with open(os.path.join(group, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  with open(os.path.join(group, "table.md"), "w") as f:
+    f.write(text + "\n")
