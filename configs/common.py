@@ -146,10 +146,17 @@ def get_config() -> ml_collections.ConfigDict:
                                               "target": "heatmap_target"})
 
   c.impostors = ml_collections.ConfigDict()
-  # '' = the scheme's: none | fixed | loose | tied | compressed_fixed
-  # (fgjax/impostor_policies.py).
+  # '' = the scheme's: none | fixed | loose | tied | compressed_fixed, or knn (with
+  # scheme fixed) | knn_loose (with scheme loose) (fgjax/impostor_policies.py).
   c.impostors.policy = ""
   c.impostors.reset_every_epochs = 10  # tied scheme
+  # knn / knn_loose: term 'nca' over each training image's knn_k nearest impostors
+  # (Meyer et al.: 32 or more suffice), lists refreshed from the current embeddings
+  # every knn_refresh_every_steps steps (0: only at init), searched by knn_backend:
+  # exact (on device) | scann (host CPU, `pip install scann`).
+  c.impostors.knn_k = 64
+  c.impostors.knn_refresh_every_steps = 500
+  c.impostors.knn_backend = "exact"
   # Product-quantised impostors: bytes (= subspaces of 8-bit codes) per impostor, 0 off.
   # 'fixed' trains against the compressed impostors (paper); other schemes compress
   # after training.

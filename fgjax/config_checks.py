@@ -13,6 +13,7 @@ from fgjax import init_from
 from fgjax import objectives
 from fgjax import optim
 from fgjax import schemes
+from fgjax import search
 
 SEARCH_BACKENDS = ("exact", "exact_knn", "scann")
 
@@ -106,6 +107,7 @@ def validate(config: Any) -> None:
   _validate_loss(config)
   _validate_bap(config)
   _validate_pq(config)
+  _validate_knn(config)
   _validate_export(config)
   _validate_early_exit(config)
   if config.get("init_from"):
@@ -228,6 +230,19 @@ def _validate_pq(config: Any) -> None:
                      "(one 8-bit code per sub-vector).")
 
 
+def _validate_knn(config: Any) -> None:
+  """The k-NN policies' fields (configs written before them lack them)."""
+  if not _has(config, "impostors.knn_k"):
+    return
+  for path, low in (("impostors.knn_k", 1), ("impostors.knn_refresh_every_steps", 0)):
+    value = _get(config, path)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"config.{path}={value!r} must be an int >= {low}"
+                       + (" (0: lists only from the initial embeddings)." if low == 0
+                          else " (neighbours per training image; 64 by default)."))
+  _one_of(config, "impostors.knn_backend", search.BACKENDS)
+
+
 def check_compatible(resolved, network, objective, policy,
                      output_shapes: dict[str, Any], param_groups, frozen_groups) -> None:
   """Raises ValueError when the loss terms, the policy or config.model.frozen need what
@@ -250,6 +265,13 @@ def check_compatible(resolved, network, objective, policy,
     raise ValueError(f"loss terms {names} need impostors but config.impostors.policy "
                      f"resolves to {resolved.policy!r}; choose an impostor scheme or "
                      "policy (fixed, loose, tied).")
+  read = {f for t in objective.terms for f in t.reads_batch_fields}
+  unread = [f for f in policy.adds_batch_fields if f not in read]
+  if unread:
+    raise ValueError(f"impostor policy {resolved.policy!r} adds batch field(s) {unread} "
+                     f"that no loss term in {[t.name for t in objective.terms]} reads; "
+                     "add the term that uses them (term 'nca' reads 'neighbors') or "
+                     "choose another policy.")
   if policy.uses_impostors and network.embedding_layer is None:
     raise ValueError(f"impostor policy {resolved.policy!r} needs a network with an "
                      f"embedding layer; {network.name!r} has none (use "

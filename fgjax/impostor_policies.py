@@ -8,11 +8,16 @@ so one sigma means the same for every embedding size and initialisation.
 
   policy = impostor_policies.make(name, config)
   params, impostors, policy_state = policy.init(network, params, embeddings, labels)
+  batch = policy.extend_batch(policy_state, batch)     # inside the jitted update
   state = policy.after_step(state, step, context)      # called after every update
 
 `policy_state` lives in `TrainState.impostor_state` (checkpointed): {'scale': the
 protocol step 3 factor} for every impostor policy, plus {'pq': codebooks and rotation}
-for compressed_fixed. Registered:
+for compressed_fixed and {'neighbors': (M, k) int32 lists} for the k-NN policies.
+`extend_batch` is how a policy hands the loss terms per-batch data derived from its
+state (the fields it adds are named in `adds_batch_fields`, and some term must read
+them: fgjax.config_checks); the update path calls it for every policy and knows none.
+Registered:
   none              no impostors (ConvNet schemes).
   fixed             frozen at the initial embeddings.
   compressed_fixed  fixed, against OPQ/PQ-compressed impostors (paper, "Impostors
@@ -21,7 +26,12 @@ for compressed_fixed. Registered:
   loose             optimised with the network (eq. 6's attachment term keeps them close).
   tied              frozen between resets to the current embeddings every
                     config.impostors.reset_every_epochs epochs (eq. 5, relaxed).
-A new policy (k-NN next) is one `@register`ed class plus its test.
+  knn, knn_loose    fixed / loose impostors trained by k-NN NCA (Meyer et al.'s k-NN
+                    RBF solver, NNGK review eq. 6-7): each training image keeps a list
+                    of the config.impostors.knn_k impostors nearest to its embedding,
+                    and the batch carries its rows as batch['neighbors'], which term
+                    'nca' then sums over (fgjax.losses.knn_nca_loss).
+A new policy is one `@register`ed class plus its test.
 """
 
 from typing import Any, Optional, Protocol
@@ -33,6 +43,7 @@ import numpy as np
 from fgjax import impostors as impostors_lib
 from fgjax import quantize
 from fgjax import registries
+from fgjax import search
 
 POLICIES = registries.Registry("impostor policy", "config.impostors.policy",
                                name_attr="name")
@@ -62,6 +73,7 @@ class Policy:
   name = ""
   uses_impostors = True
   trainable = False       # impostor centers are optimiser leaves
+  adds_batch_fields: tuple[str, ...] = ()  # what `extend_batch` adds
 
   def __init__(self, config):
     self.config = config
@@ -95,6 +107,13 @@ class Policy:
     """The state after update `step` (1-based); the base policy changes nothing."""
     del step, context
     return state
+
+  def extend_batch(self, policy_state: dict[str, Any],
+                   batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The batch the loss terms see: `batch` plus `adds_batch_fields` from the policy
+    state. Traced inside the jitted update; the base policy adds nothing."""
+    del policy_state
+    return batch
 
 
 @register("none")
@@ -151,6 +170,93 @@ class CompressedFixed(Policy):
                                             jnp.float32),
           "rotation": jax.ShapeDtypeStruct((width, width), jnp.float32)}
     return imps, {**policy_state, "pq": pq}
+
+
+class _NeighborLists(Policy):
+  """k-NN impostor training on top of a fixed or loose policy (its other half in the MRO).
+
+  Meyer et al. search the k nearest neighbours of each training image once every few
+  epochs, not every step (NNGK review, section 3): so the state holds one list per
+  training image, the k impostors nearest to its embedding, built at init (where the
+  embeddings are the impostors) and refreshed every
+  config.impostors.knn_refresh_every_steps steps (0: never) from the current
+  embeddings against the current impostors (`neighbor_lists`; not after the last step,
+  which only evaluation follows). A list never holds the image's own impostor: it is
+  searched with k + 1 and dropped, so every image has k others (the loss also excludes
+  it, batch['index'], which then masks nothing). k is capped at M - 1: every other
+  impostor, where term 'nca' equals the full loss of eq. (4).
+  """
+  adds_batch_fields = ("neighbors",)
+
+  def _k(self, num_impostors: int) -> int:
+    if num_impostors < 2:
+      raise ValueError(f"impostor policy {self.name!r} needs >= 2 training images (each "
+                       f"one's neighbours are the others); got {num_impostors}.")
+    return min(int(self.config.impostors.knn_k), num_impostors - 1)
+
+  def _lists(self, centers, queries) -> jax.Array:
+    return neighbor_lists(centers, queries, self._k(centers.shape[0]),
+                          self.config.impostors.knn_backend)
+
+  def init(self, network, params, embeddings, labels):
+    params, imps, policy_state = super().init(network, params, embeddings, labels)
+    # The rescaled network maps image i onto impostor i: the impostors are the queries.
+    return params, imps, {**policy_state,
+                          "neighbors": self._lists(imps.centers, imps.centers)}
+
+  def abstract(self, num_impostors, width):
+    imps, policy_state = super().abstract(num_impostors, width)
+    lists = jax.ShapeDtypeStruct((num_impostors, self._k(num_impostors)), jnp.int32)
+    return imps, {**policy_state, "neighbors": lists}
+
+  def after_step(self, state, step, context):
+    state = super().after_step(state, step, context)
+    every = int(self.config.impostors.knn_refresh_every_steps)
+    if not every or step % every or step >= context.total_steps:
+      return state
+    emb, _ = context.train_embeddings(state)
+    lists = self._lists(state.impostors.centers, emb)
+    return context.place(state.replace(
+        impostor_state={**state.impostor_state, "neighbors": lists}))
+
+  def extend_batch(self, policy_state, batch):
+    # (B, k) rows of the (M, k) lists, gathered on device where the lists live.
+    return {**batch, "neighbors": jnp.take(policy_state["neighbors"], batch["index"],
+                                           axis=0)}
+
+
+@register("knn")
+class KnnFixed(_NeighborLists, Fixed):
+  """Fixed impostors, k-NN NCA over per-image neighbour lists."""
+
+
+@register("knn_loose")
+class KnnLoose(_NeighborLists, Loose):
+  """Loose impostors (trainable, scheme 'loose'), k-NN NCA over per-image lists."""
+
+
+def neighbor_lists(centers: Any, queries: Any, k: int, backend: str,
+                   block: int = 4096) -> jax.Array:
+  """(M, k) int32: row i lists the k centers nearest to queries[i], nearest first,
+  never center i itself.
+
+  Args:
+    centers: (M, d) impostors.
+    queries: (M, d) embeddings of the training images, index order (query i owns
+      center i).
+    k: 1 <= k <= M - 1.
+    backend: fgjax.search backend ('exact' on device, 'scann' on the host CPU).
+    block: queries per search call: bounds the exact backend's (block, M) distances.
+  """
+  index = search.build_index(centers, backend=backend)
+  found = jnp.concatenate([jnp.asarray(index.neighbors(queries[s:s + block], k + 1)[1])
+                           for s in range(0, queries.shape[0], block)])
+  # Drop each row's own index, or its farthest entry where the own one was not found
+  # (a tie at distance 0 with another impostor); a stable sort keeps distance order.
+  own = found == jnp.arange(found.shape[0])[:, None]
+  drop = own | (~own.any(axis=1, keepdims=True) & (jnp.arange(k + 1) == k))
+  order = jnp.argsort(drop, axis=1, stable=True)[:, :k]
+  return jnp.take_along_axis(found, order, axis=1).astype(jnp.int32)
 
 
 def train_quantizer(centers: Any, config) -> quantize.ProductQuantizer:

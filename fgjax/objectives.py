@@ -4,7 +4,9 @@
   loss, new_loss_state, metrics = objective(outputs, batch, impostors, loss_state)
 
 Each term is a pure function of the network's outputs dict (it reads
-`outputs[term.input]`), the batch ({'label', 'index', 'valid'}), the impostor set (terms
+`outputs[term.input]`), the batch ({'label', 'index', 'valid'}, plus the fields the
+impostor policy adds, `Policy.extend_batch`: a term names those it reads in
+`reads_batch_fields`), the impostor set (terms
 that use one) and its own state, which lives in `TrainState.loss_state[term.name]`
 (class means, feature centers): checkpointed with the rest, initialised by
 `init_state`, replaced every step by the term's own update rule. Every term returns its
@@ -21,6 +23,9 @@ Registered terms, each configured by `config.loss.<name>` (weight, input, option
               convnet_exits; sequential early exit's fine-tuning with all heads).
   nca         NCA loss over all impostors, impostor paper eq. (4); each training image
               bypasses its own impostor (j != i, batch['index']). Option sigma (eq. 2).
+              Where the impostor policy puts neighbour lists into the batch
+              (batch['neighbors'] (N, k), policies knn / knn_loose), the loss runs over
+              those k impostors only (fgjax.losses.knn_nca_loss, NNGK review eq. 6-7).
   attachment  ||f(x_i) - c_i||^2 to the image's own impostor, eq. (6); its weight is
               the lambda of eq. (6).
   center      Wen et al. 2016 eq. (2) against class means updated by their eq. (4).
@@ -72,6 +77,8 @@ class Term:
   input: str
   name: ClassVar[str]
   uses_impostors: ClassVar[bool] = False
+  # Optional batch fields an impostor policy may add that the term uses when present.
+  reads_batch_fields: ClassVar[tuple[str, ...]] = ()
 
   def init_state(self, num_classes: int, input_shape: Sequence[int]) -> Optional[Any]:
     """The term's state for `num_classes` classes and an input of `input_shape`
@@ -145,16 +152,24 @@ class ExitCrossEntropy(Term):
 @register("nca")
 @dataclasses.dataclass(frozen=True)
 class NCA(Term):
-  """NCA loss of eq. (4) over all M impostors (`fgjax.losses.nca_loss`).
+  """NCA loss of eq. (4) over all M impostors (`fgjax.losses.nca_loss`), or over each
+  row's k neighbours batch['neighbors'] where the policy provides them
+  (`fgjax.losses.knn_nca_loss`; one term, so every scheme preset naming 'nca' trains
+  by k-NN once the policy is a k-NN one).
 
   sigma: kernel width of eq. (2) during training.
   """
   sigma: float = 0.2
   uses_impostors: ClassVar[bool] = True
+  reads_batch_fields: ClassVar[tuple[str, ...]] = ("neighbors",)
 
   def __call__(self, outputs, batch, impostors, state):
-    per_example = losses.nca_loss(outputs[self.input], batch["label"], impostors.centers,
-                                  impostors.labels, self.sigma, exclude=batch["index"])
+    args = (outputs[self.input], batch["label"], impostors.centers, impostors.labels)
+    if "neighbors" in batch:
+      per_example = losses.knn_nca_loss(*args, batch["neighbors"], self.sigma,
+                                        exclude=batch["index"])
+    else:
+      per_example = losses.nca_loss(*args, self.sigma, exclude=batch["index"])
     return _valid_mean(per_example, batch["valid"].astype(jnp.float32)), state, {}
 
 

@@ -214,7 +214,8 @@ class Run:
   def make_update(self):
     return xla_cpu.jit(update_lib.make_update(self.network, self.objective, self.tx,
                                               frozen=self.frozen, forward=self.forward,
-                                              seed=int(self.config.seed)),
+                                              seed=int(self.config.seed),
+                                              policy=self.policy),
                        donate_argnums=(0,))
 
   def policy_context(self) -> _PolicyContext:

@@ -1,8 +1,12 @@
 """The one update path: forward, weighted loss terms, gradients, optimiser step.
 
-  update = jax.jit(update_lib.make_update(network, objective, tx, frozen=..., forward=...),
-                   donate_argnums=(0,))
+  update = jax.jit(update_lib.make_update(network, objective, tx, frozen=..., forward=...,
+                                          policy=...), donate_argnums=(0,))
   state, metrics = update(state, batch)
+
+The impostor policy may add per-batch fields derived from its state before the loss
+sees the batch (`Policy.extend_batch`, e.g. the k-NN policies' batch['neighbors']):
+traced here, inside the one jitted step, so nothing policy-specific runs in the loop.
 
 `forward` says how the network runs during training:
   'train'     backbone and heads in train mode (BatchNorm batch statistics, updated
@@ -56,7 +60,7 @@ def _largest_valid_norm(embedding: jax.Array, valid: jax.Array) -> jax.Array:
 def make_update(network, objective: objectives.Objective,
                 tx: optax.GradientTransformation, *,
                 frozen: frozenset[tuple[str, ...]],
-                forward: str, seed: int = 0):
+                forward: str, seed: int = 0, policy=None):
   """update(state, batch) -> (state, metrics) for the given network and loss.
 
   Args:
@@ -68,6 +72,8 @@ def make_update(network, objective: objectives.Objective,
     seed: networks that draw at random while training (e.g. which attention map
       masks an image) read `self.make_rng('augment')`; its key is
       fold_in(key(seed), step), so a resumed run draws what it would have drawn.
+    policy: the fgjax.impostor_policies.Policy whose `extend_batch` completes each
+      batch from state.impostor_state; None adds nothing.
 
   The batch holds 'label', 'index' (the example's own impostor), 'valid' (False rows
   weigh zero) and 'image' (normalised NHWC) or, for forward='heads', 'backbone'.
@@ -94,6 +100,9 @@ def make_update(network, objective: objectives.Objective,
                      backbone_train=False, rngs=rngs), state.batch_stats
 
   def update(state: train_state_lib.TrainState, batch: dict[str, Any]):
+    if policy is not None:
+      batch = policy.extend_batch(state.impostor_state, batch)
+
     def loss_fn(trainable):
       outputs, new_stats = outputs_and_stats(trainable["net"], state, batch)
       imps = state.with_trainable(trainable).impostors

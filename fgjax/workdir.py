@@ -38,6 +38,9 @@ _LENGTH = ("train.num_epochs", "train.num_steps")
 # are no change. (loss.<term> sections are read only when the term is in the loss.)
 _ADDED_LATER = {"model.exit_stages": [], "loss.exit_ce.weight": None,
                 "loss.exit_ce.input": None,
+                # Read only by the k-NN impostor policies (knn, knn_loose).
+                **{f"impostors.{f}": None for f in (
+                    "knn_k", "knn_refresh_every_steps", "knn_backend")},
                 # Read only by the BAP networks (bap, bap_impostor, c2f).
                 **{f"model.{f}": None for f in (
                     "attention_maps", "bap_scale", "attention_orthogonal_init",

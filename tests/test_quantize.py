@@ -226,15 +226,17 @@ def _against_faiss(faiss, method, seed):
 
 @pytest.mark.parametrize("method", ["pq", "opq"])
 def test_peer_faiss(method):
-  """Reconstruction MSE and ADC recall@1 within 5% of faiss, averaged over 3 data sets.
+  """Reconstruction MSE and ADC recall@1 within 5% of faiss, averaged over 5 data sets.
 
   One data set is not enough: k-means from different starts lands +-6% apart in MSE
   and recall (both ways against faiss, and with the float rounding of the CPU and of
-  XLA's device count), so a single-seed 5% margin passes or fails by chance.
+  XLA's device count), so a single-seed 5% margin passes or fails by chance. Three
+  were not either: OPQ recall averaged .447 against faiss 1.15's .471 on one fresh VM
+  (.451 on a rerun); over 5 data sets it is .451 against .458.
   """
   faiss = pytest.importorskip("faiss", reason="faiss-cpu is the PQ/OPQ peer")
   faiss.omp_set_num_threads(1)  # OpenMP spinning is slow on a shared 2-core VM
   our_mse, faiss_mse, our_recall, faiss_recall = np.mean(
-      [_against_faiss(faiss, method, seed) for seed in (11, 21, 31)], axis=0)
+      [_against_faiss(faiss, method, seed) for seed in (11, 21, 31, 41, 51)], axis=0)
   assert our_mse <= 1.05 * faiss_mse, (our_mse, faiss_mse)
   assert our_recall >= 0.95 * faiss_recall, (our_recall, faiss_recall)

@@ -2,6 +2,8 @@
 
 * `nca_loss`: impostor-network / NCA loss, Lebedev et al. eq. (4) (custom VJP,
   optionally streamed over the centers in chunks).
+* `knn_nca_loss`: the same over each query's k selected impostors (Meyer et al.'s
+  k-NN RBF solver; NNGK review eq. 6-7).
 * `attachment_loss`: loose-impostor attachment term, eq. (6).
 * `center_loss`: Wen et al. 2016.
 * `update_class_means`, `elope_loss`: ELoPE Sec. 4, eq. (5)-(10).
@@ -16,6 +18,7 @@ from fgjax.losses.center import attachment_loss
 from fgjax.losses.center import center_loss
 from fgjax.losses.elope import elope_loss
 from fgjax.losses.elope import update_class_means
+from fgjax.losses.knn_nca import knn_nca_loss
 from fgjax.losses.nca import masked_logsumexp
 from fgjax.losses.nca import nca_loss
 from fgjax.losses.nca import rbf_logits
@@ -24,5 +27,5 @@ from fgjax.losses.nca import squared_distances
 __all__ = [
     "attachment_loss", "attention_center_loss", "update_attention_centers",
     "center_loss", "elope_loss", "update_class_means",
-    "masked_logsumexp", "nca_loss", "rbf_logits", "squared_distances",
+    "knn_nca_loss", "masked_logsumexp", "nca_loss", "rbf_logits", "squared_distances",
 ]

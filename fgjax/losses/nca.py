@@ -21,7 +21,9 @@ matmuls (dq = D c, dc = D^T q) and, with `chunk_size`, streams over M with an
 online log-sum-exp in both passes so memory is O(B * chunk_size + M * d).
 
 `squared_distances`, `rbf_logits`, `masked_logsumexp` and `scan_chunks` are the
-building blocks `fgjax.impostors` reuses for the RBF prediction rule, eq. (3).
+building blocks `fgjax.impostors` reuses for the RBF prediction rule, eq. (3);
+`dense_terms` and `kernel_scale` the stable core `fgjax.losses.knn_nca` reuses for
+the loss over each query's k nearest impostors.
 """
 import functools
 from typing import Any, Callable, Optional
@@ -213,7 +215,26 @@ def _stream_min_sum(d_min, s, d, mask, scale):
   return new_min, carried + jnp.sum(_weights(d, new_min, mask, scale), axis=1)
 
 
-def _kernel_scale(sigma):
+def dense_terms(d, keep, pos, scale):
+  """Per-row loss and D = dL/da (B, n) over one dense (B, n) block of distances.
+
+  The unchunked core of `nca_loss`, shared with `fgjax.losses.knn_nca` (there the n
+  columns are a query's own k neighbours). d: squared distances (+inf never, NaN
+  allowed); keep / pos: the kept and the same-class kept entries; scale:
+  `kernel_scale(sigma)`. D_ij = p_ij - p+_ij is 0 off `keep` and on rows without a
+  positive.
+  """
+  d_all, d_pos = _masked_min(d, keep), _masked_min(d, pos)
+  # Each exp once: the weights give both sums and D = p - p+.
+  e_all = _weights(d, d_all, keep, scale)
+  e_pos = _weights(d, d_pos, pos, scale)
+  s_all, s_pos = jnp.sum(e_all, axis=1), jnp.sum(e_pos, axis=1)
+  inv_all, inv_pos = _inverse_sums(d_pos, s_all, s_pos)
+  dd = e_all * inv_all[:, None] - e_pos * inv_pos[:, None]
+  return _loss(d_all, s_all, d_pos, s_pos, scale), dd
+
+
+def kernel_scale(sigma):
   """1 / (2 sigma^2) as (sqrt(1/2) / sigma)^2.
 
   sigma^2 is a float32 subnormal, flushed to 0 on CPU, from sigma ~ 1e-19 on,
@@ -224,21 +245,14 @@ def _kernel_scale(sigma):
 
 
 def _nca_forward(q, ql, c, cl, sigma, ex, chunk_size):
-  scale = _kernel_scale(sigma)
+  scale = kernel_scale(sigma)
   qq = jnp.sum(q * q, axis=-1)
   cc = jnp.sum(c * c, axis=-1)
   if chunk_size is None:
     d, keep, pos = _block_terms(q, qq, ql, ex, c, cc, cl, 0)
-    d_all, d_pos = _masked_min(d, keep), _masked_min(d, pos)
-    # Each exp once: the weights give both sums and D = p - p+.
-    e_all = _weights(d, d_all, keep, scale)
-    e_pos = _weights(d, d_pos, pos, scale)
-    s_all, s_pos = jnp.sum(e_all, axis=1), jnp.sum(e_pos, axis=1)
-    inv_all, inv_pos = _inverse_sums(d_pos, s_all, s_pos)
-    dd = e_all * inv_all[:, None] - e_pos * inv_pos[:, None]
+    loss, dd = dense_terms(d, keep, pos, scale)
     # Row sums of D * d: all the sigma-gradient needs (d is not kept).
-    residuals = (q, c, sigma, dd, jnp.sum(dd * d, axis=1))
-    return _loss(d_all, s_all, d_pos, s_pos, scale), residuals
+    return loss, (q, c, sigma, dd, jnp.sum(dd * d, axis=1))
 
   b = q.shape[0]
   inf = jnp.full((b,), jnp.inf, q.dtype)
@@ -274,7 +288,7 @@ def _nca_bwd(chunk_size, res, g):
   #   da_ij/dsigma = 2s d_ij / sigma.
   if chunk_size is None:
     q, c, sigma, dd, dd_dot_d = res
-    scale = _kernel_scale(sigma)
+    scale = kernel_scale(sigma)
     # g scales rows of D: fold it into the (B, d) operands, not the (B, M) one.
     # The -sum_j D_ij q_i term of dq vanishes: rows of D sum to 0.
     dq = ((2 * scale) * g)[:, None] * (dd @ c)
@@ -283,7 +297,7 @@ def _nca_bwd(chunk_size, res, g):
     return dq, None, dc, None, dsigma.astype(sigma.dtype), None
 
   q, ql, c, cl, sigma, ex, d_all, d_pos, inv_all, inv_pos = res
-  scale = _kernel_scale(sigma)
+  scale = kernel_scale(sigma)
   qq = jnp.sum(q * q, axis=-1)
   cc = jnp.sum(c * c, axis=-1)
 
@@ -362,6 +376,20 @@ def nca_loss(queries: jax.Array, query_labels: jax.Array, centers: jax.Array,
     TypeError/ValueError: wrong ranks, dtypes, mismatched sizes, sigma <= 0
       (when concrete), `exclude` >= M (when concrete).
   """
+  q, ql, c, cl, sigma, ex = check_args(queries, query_labels, centers, center_labels,
+                                       sigma, exclude)
+  chunk = _checks.chunk_size_arg(chunk_size, c.shape[0])
+  return _nca(q, ql, c, cl, sigma, ex, chunk)
+
+
+def check_args(queries: Any, query_labels: Any, centers: Any, center_labels: Any,
+               sigma: Any, exclude: Optional[Any]):
+  """The NCA losses' shared arguments, checked and cast (also for `knn_nca_loss`).
+
+  Returns:
+    (q, ql, c, cl, sigma, ex): q and c in the compute dtype (at least float32),
+    int32 labels, sigma as a scalar of that dtype, ex (B,) int32 (-1 = none).
+  """
   q = _checks.float_array(queries, "queries", 2)
   c = _checks.float_array(centers, "centers", 2)
   ql = _checks.int_array(query_labels, "query_labels", 1)
@@ -379,7 +407,5 @@ def nca_loss(queries: jax.Array, query_labels: jax.Array, centers: jax.Array,
     _checks.same_size(ex, "exclude", 0, q, "queries", 0)
     _checks.in_range(ex, "exclude", -(2**31), c.shape[0],
                      "center indices; negative means exclude nothing")
-  chunk = _checks.chunk_size_arg(chunk_size, c.shape[0])
   dtype = _checks.compute_dtype(q.dtype, c.dtype)
-  sigma = jnp.asarray(sigma, dtype)
-  return _nca(q.astype(dtype), ql, c.astype(dtype), cl, sigma, ex, chunk)
+  return q.astype(dtype), ql, c.astype(dtype), cl, jnp.asarray(sigma, dtype), ex
