@@ -335,7 +335,7 @@ def _synthetic_state(run):
       params=params, batch_stats=variables.get("batch_stats", {}), impostors=imps,
       loss_state=run.objective.init_state(run.num_classes, run.output_shapes),
       impostor_state=policy_state, tx=run.tx)
-  return train_state_lib.place(state, run.mesh)
+  return run.layout.place(state)
 
 
 def _synthetic_batch(run, batch_size: int, image_size: int):

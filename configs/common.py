@@ -14,7 +14,13 @@ def get_config() -> ml_collections.ConfigDict:
   # impostors.policy override its parts when set.
   c.scheme = "fixed"
   c.seed = 0
-  c.distributed = False       # jax.distributed.initialize() for multi-host runs
+  # Multi-host runs (fgjax.parallel.initialize_distributed): jax.distributed.initialize()
+  # with cluster auto-detection (SLURM, Open MPI, TPU pods, Kubernetes), or, where
+  # coordinator_address is set, with it, num_processes and this process's process_id.
+  c.distributed = False
+  c.coordinator_address = ""  # e.g. "10.0.0.1:1234"
+  c.num_processes = 0
+  c.process_id = -1
   c.num_devices = 0           # 0: every visible device; n: the first n (data parallel)
   # Start from another run's final checkpoint (two-stage recipes, fgjax/init_from.py):
   # its workdir, and which parts to take: net (always), impostors, loss_state.

@@ -43,7 +43,7 @@ import numpy as np
 from fgjax import impostors as impostors_lib
 from fgjax import quantize
 from fgjax import registries
-from fgjax import search
+from fgjax import sharded_search
 
 POLICIES = registries.Registry("impostor policy", "config.impostors.policy",
                                name_attr="name")
@@ -74,6 +74,9 @@ class Policy:
   uses_impostors = True
   trainable = False       # impostor centers are optimiser leaves
   adds_batch_fields: tuple[str, ...] = ()  # what `extend_batch` adds
+  # Policy-state entries with one row per impostor, split over the devices with the
+  # impostors (fgjax.train_state.Layout).
+  row_fields: tuple[str, ...] = ()
 
   def __init__(self, config):
     self.config = config
@@ -187,6 +190,7 @@ class _NeighborLists(Policy):
   impostor, where term 'nca' equals the full loss of eq. (4).
   """
   adds_batch_fields = ("neighbors",)
+  row_fields = ("neighbors",)
 
   def _k(self, num_impostors: int) -> int:
     if num_impostors < 2:
@@ -194,15 +198,15 @@ class _NeighborLists(Policy):
                        f"one's neighbours are the others); got {num_impostors}.")
     return min(int(self.config.impostors.knn_k), num_impostors - 1)
 
-  def _lists(self, centers, queries) -> jax.Array:
-    return neighbor_lists(centers, queries, self._k(centers.shape[0]),
+  def _lists(self, imps, queries) -> jax.Array:
+    return neighbor_lists(imps, queries, self._k(queries.shape[0]),
                           self.config.impostors.knn_backend)
 
   def init(self, network, params, embeddings, labels):
     params, imps, policy_state = super().init(network, params, embeddings, labels)
     # The rescaled network maps image i onto impostor i: the impostors are the queries.
     return params, imps, {**policy_state,
-                          "neighbors": self._lists(imps.centers, imps.centers)}
+                          "neighbors": self._lists(imps, imps.centers)}
 
   def abstract(self, num_impostors, width):
     imps, policy_state = super().abstract(num_impostors, width)
@@ -215,7 +219,7 @@ class _NeighborLists(Policy):
     if not every or step % every or step >= context.total_steps:
       return state
     emb, _ = context.train_embeddings(state)
-    lists = self._lists(state.impostors.centers, emb)
+    lists = self._lists(state.impostors, emb)
     return context.place(state.replace(
         impostor_state={**state.impostor_state, "neighbors": lists}))
 
@@ -235,20 +239,22 @@ class KnnLoose(_NeighborLists, Loose):
   """Loose impostors (trainable, scheme 'loose'), k-NN NCA over per-image lists."""
 
 
-def neighbor_lists(centers: Any, queries: Any, k: int, backend: str,
-                   block: int = 4096) -> jax.Array:
-  """(M, k) int32: row i lists the k centers nearest to queries[i], nearest first,
-  never center i itself.
+def neighbor_lists(impostors: impostors_lib.ImpostorSet, queries: Any, k: int,
+                   backend: str, block: int = 4096) -> jax.Array:
+  """(M, k) int32: row i lists the k impostors nearest to queries[i], nearest first,
+  never impostor i itself nor an absent row.
 
   Args:
-    centers: (M, d) impostors.
+    impostors: the M impostors, possibly padded with absent rows and split over a
+      mesh as the training state holds them (searched where they live:
+      fgjax.sharded_search.index_over).
     queries: (M, d) embeddings of the training images, index order (query i owns
-      center i).
+      impostor i).
     k: 1 <= k <= M - 1.
     backend: fgjax.search backend ('exact' on device, 'scann' on the host CPU).
     block: queries per search call: bounds the exact backend's (block, M) distances.
   """
-  index = search.build_index(centers, backend=backend)
+  index = sharded_search.index_over(impostors, backend)
   found = jnp.concatenate([jnp.asarray(index.neighbors(queries[s:s + block], k + 1)[1])
                            for s in range(0, queries.shape[0], block)])
   # Drop each row's own index, or its farthest entry where the own one was not found

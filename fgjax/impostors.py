@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fgjax.losses import _checks
 from fgjax.losses import nca
@@ -33,6 +34,28 @@ class ImpostorSet(NamedTuple):
   """
   centers: jax.Array
   labels: jax.Array
+
+
+# The label of an absent row: padding that lets M impostors split evenly over the
+# devices of a mesh (fgjax.train_state.Layout). The training losses give such rows no
+# weight (fgjax.losses.nca_loss); they never leave the training state (`present`).
+ABSENT = -1
+
+
+def pad_rows(impostors: ImpostorSet, rows: int) -> ImpostorSet:
+  """The set with absent rows (zero centers, label ABSENT) appended up to `rows`."""
+  extra = rows - impostors.centers.shape[0]
+  if extra < 0:
+    raise ValueError(f"cannot pad {impostors.centers.shape[0]} impostors to {rows} rows.")
+  return ImpostorSet(jnp.pad(impostors.centers, ((0, extra), (0, 0))),
+                     jnp.pad(impostors.labels, (0, extra), constant_values=ABSENT))
+
+
+def present(impostors: ImpostorSet) -> ImpostorSet:
+  """The impostors without the trailing absent rows of `pad_rows` (host arrays)."""
+  labels = np.asarray(impostors.labels)
+  count = int(np.flatnonzero(labels != ABSENT)[-1]) + 1 if (labels != ABSENT).any() else 0
+  return ImpostorSet(np.asarray(impostors.centers)[:count], labels[:count])
 
 
 def init_impostors(embeddings: jax.Array,

@@ -1,6 +1,7 @@
 """Data parallelism with `jax.sharding.Mesh` + `NamedSharding` and `jax.jit`.
 
-One mesh axis, 'data': batches are split along it, the training state is replicated.
+One mesh axis, 'data': batches are split along it, and so are the impostor rows of the
+training state (fgjax.train_state.Layout); the rest of the state is replicated.
 The same code runs on one CPU, one GPU, many local devices, or many hosts (after
 `jax.distributed.initialize`), because arrays carry their sharding and `jax.jit`
 partitions the update function from it.
@@ -15,6 +16,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def initialize_distributed(config) -> None:
+  """`jax.distributed.initialize` for a multi-host run (config.distributed).
+
+  With config.coordinator_address empty, JAX detects the cluster (SLURM, Open MPI,
+  TPU pods, Kubernetes); otherwise every process passes the same address and process
+  count and its own config.process_id. Call it before anything touches a device.
+  CPU collectives go over gloo: without it, processes without accelerators cannot
+  all-reduce across hosts (the setting does nothing to GPU or TPU collectives).
+  """
+  kwargs = {}
+  if config.get("coordinator_address"):
+    count, index = int(config.num_processes), int(config.process_id)
+    if count < 1 or not 0 <= index < count:
+      raise ValueError(f"config.coordinator_address={config.coordinator_address!r} needs "
+                       f"config.num_processes >= 1 and 0 <= config.process_id < it; got "
+                       f"num_processes={count}, process_id={index}.")
+    kwargs = dict(coordinator_address=config.coordinator_address, num_processes=count,
+                  process_id=index)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+
+
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else list(devices)
@@ -23,6 +46,11 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over the data axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def row_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (impostor row) axis split over the data axis (fgjax.train_state.Layout)."""
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
@@ -48,19 +76,15 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
       local_batch)
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places every leaf of `tree` on all devices of `mesh`."""
-  return jax.device_put(tree, replicated(mesh))
-
-
 def to_host(tree: Any) -> Any:
-  """Fetches a (possibly sharded) pytree as NumPy arrays on this host."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  """Fetches a pytree of (possibly sharded, possibly multi-host) arrays as NumPy."""
+  return jax.tree.map(gather, tree)
 
 
-def gather(x: jax.Array) -> np.ndarray:
-  """The full value of a batch-sharded array on every host, as NumPy."""
-  if jax.process_count() == 1:
+def gather(x: Any) -> np.ndarray:
+  """The full value of an array on every host, as NumPy: split arrays of several
+  processes (a batch, impostor rows) are all-gathered across them."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
     return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -55,15 +55,16 @@ PREDICTIONS_FILE = "predictions.npz"
 class _PolicyContext:
   """What impostor policy hooks may use from the run (impostor_policies.Context)."""
 
-  def __init__(self, outputs: split_outputs_lib.SplitOutputs, mesh, total_steps: int):
-    self._outputs, self._mesh = outputs, mesh
+  def __init__(self, outputs: split_outputs_lib.SplitOutputs,
+               layout: train_state_lib.Layout, total_steps: int):
+    self._outputs, self._layout = outputs, layout
     self.steps_per_epoch, self.total_steps = outputs.steps_per_epoch, total_steps
 
   def train_embeddings(self, state):
     return self._outputs.train_embeddings(state.variables())
 
   def place(self, state):
-    return train_state_lib.place(state, self._mesh)
+    return self._layout.place(state)
 
 
 class Run:
@@ -130,6 +131,9 @@ class Run:
     abstract_imps, self._abstract_policy_state = self.policy.abstract(
         len(self.splits.train), int(self.output_shapes["embedding"].shape[-1]))
     self._abstract_impostors = abstract_imps
+    self.layout = train_state_lib.Layout(
+        self.mesh, len(self.splits.train) if abstract_imps is not None else 0,
+        self.policy.row_fields)
     labels = optim.trainable_labels(
         train_state_lib.trainable_tree({"net": abstract_params["params"],
                                         "impostors": abstract_imps}),
@@ -185,11 +189,13 @@ class Run:
     state = train_state_lib.create(
         params=params, batch_stats=variables.get("batch_stats", {}), impostors=imps,
         loss_state=loss_state, impostor_state=policy_state, tx=self.tx)
-    return train_state_lib.place(state, self.mesh)
+    return self.layout.place(state)
 
   def _source_impostors(self, source):
     """The impostors and policy state of an init_from source, checked against ours."""
     imps = source["params"].get("impostors")
+    if imps:  # Written on any device count: without that run's padding rows.
+      imps = impostors_lib.present(impostors_lib.ImpostorSet(**imps))._asdict()
     if not imps:
       raise ValueError(f"config.init_from_parts names 'impostors' but "
                        f"{self.config.init_from} has none; leave it out to compute "
@@ -203,7 +209,8 @@ class Run:
     return impostors_lib.ImpostorSet(*merged), state
 
   def abstract_state(self) -> train_state_lib.TrainState:
-    """The state's shapes and dtypes, for a checkpoint restore; nothing is computed."""
+    """The state's shapes and dtypes with M impostor rows (unpadded: `self.layout`
+    pads them); nothing is computed."""
     v = self._abstract_variables
     return train_state_lib.abstract(
         params=v["params"], batch_stats=v.get("batch_stats", {}),
@@ -212,20 +219,24 @@ class Run:
         impostor_state=self._abstract_policy_state, tx=self.tx)
 
   def make_update(self):
+    # The state keeps its layout through the step (impostor rows stay split).
     return xla_cpu.jit(update_lib.make_update(self.network, self.objective, self.tx,
                                               frozen=self.frozen, forward=self.forward,
                                               seed=int(self.config.seed),
                                               policy=self.policy),
-                       donate_argnums=(0,))
+                       donate_argnums=(0,),
+                       out_shardings=(self.layout.shardings(self.abstract_state()),
+                                      parallel.replicated(self.mesh)))
 
   def policy_context(self) -> _PolicyContext:
-    return _PolicyContext(self.outputs, self.mesh, self.total_steps)
+    return _PolicyContext(self.outputs, self.layout, self.total_steps)
 
 
 def _checkpoint_manager(workdir: str, config, total_steps: int) -> ocp.CheckpointManager:
   every = int(config.train.checkpoint_every_steps)
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
+      item_handlers=ocp.StandardCheckpointHandler(),  # `restore` reads shapes
       options=ocp.CheckpointManagerOptions(
           max_to_keep=2, save_interval_steps=every if every else total_steps + 1))
 
@@ -274,20 +285,36 @@ def _restore_or_create(run: Run, manager: ocp.CheckpointManager, workdir: str):
   latest = manager.latest_step()
   if latest is None:
     return run.initial_state()
-  state = manager.restore(latest, args=ocp.args.StandardRestore(run.abstract_state()))
+  state = restore(run, manager, latest)
   workdir_lib.truncate_metrics(workdir, latest)
   logging.info("Resumed from %s at step %d.", workdir, latest)
-  return train_state_lib.place(state, run.mesh)
+  return state
 
 
-def _compressed_impostors(run: Run, state) -> tuple[Optional[impostors_lib.ImpostorSet],
-                                                     dict[str, Any], tuple]:
+def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
+  """A reader of `workdir`'s checkpoints (for `restore`)."""
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def restore(run: Run, manager: ocp.CheckpointManager, step: int
+            ) -> train_state_lib.TrainState:
+  """Checkpoint `step` as `run`'s state, on `run.layout`, whatever device count wrote
+  it (each pads the impostor rows to its own multiple)."""
+  imps = manager.item_metadata(step).tree["params"].get("impostors")
+  rows = int(imps["centers"].shape[0]) if imps else None
+  target = run.layout.abstract(run.abstract_state(), rows=rows)
+  return run.layout.place(manager.restore(step, args=ocp.args.StandardRestore(target)))
+
+
+def _compressed_impostors(run: Run, state, imps: Optional[impostors_lib.ImpostorSet]
+                          ) -> tuple[Optional[impostors_lib.ImpostorSet], dict[str, Any],
+                                     tuple]:
   """Host impostors (decoded from PQ codes when configured), memory, (pq, codes)."""
   memory = {"network_params_bytes": int(sum(
       x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params["net"])))}
-  if state.impostors is None:
+  if imps is None:
     return None, memory, (None, None)
-  imps = impostors_lib.ImpostorSet(*parallel.to_host(tuple(state.impostors)))
   memory["impostors_float32_bytes"] = int(imps.centers.size * 4)
   if not run.config.impostors.pq_bytes:
     return imps, memory, (None, None)
@@ -298,8 +325,10 @@ def _compressed_impostors(run: Run, state) -> tuple[Optional[impostors_lib.Impos
   return imps._replace(centers=np.asarray(quantize.decode(pq, codes))), memory, (pq, codes)
 
 
-def _evaluate(run: Run, state, workdir: str) -> tuple[dict[str, Any], tuple]:
-  imps, memory, quantized = _compressed_impostors(run, state)
+def _evaluate(run: Run, state, workdir: str,
+              host_impostors: Optional[impostors_lib.ImpostorSet]
+              ) -> tuple[dict[str, Any], tuple]:
+  imps, memory, quantized = _compressed_impostors(run, state, host_impostors)
   keys = ("embedding", "logits") if run.network.has_logits else ("embedding",)
   keys += run.extra_logits
   variables = state.variables()
@@ -408,7 +437,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   start_time = time.time()
   if config.get("distributed"):
-    jax.distributed.initialize()
+    parallel.initialize_distributed(config)
   workdir_lib.check_config(workdir, config.to_dict())
   run = Run(config)
   is_writer = jax.process_index() == 0
@@ -430,7 +459,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     manager.close()
   train_seconds = time.time() - start_time
 
-  results, quantized = _evaluate(run, state, workdir)
+  # On every process: gathering impostor rows split over hosts is a collective.
+  host_impostors = None if state.impostors is None else impostors_lib.present(
+      parallel.to_host(state.impostors))
+  results, quantized = _evaluate(run, state, workdir, host_impostors)
   scale = state.impostor_state.get("scale")
   results.update({
       "config": config.to_dict(),
@@ -453,7 +485,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     artifact.export(
         os.path.join(workdir, "artifact"), config=config, network=run.network,
         class_names=list(run.splits.class_names), variables=state.variables(),
-        impostors=None if state.impostors is None else parallel.to_host(state.impostors),
+        impostors=host_impostors,
         sigma=results["sigma"], quantized=quantized, int8=int8, early_exit=early_exit)
     # Last: results.json marks a finished run (benchmarks skip such workdirs), so it
     # must not exist before the artifact does.

@@ -11,6 +11,7 @@ the impostor centers; impostor labels are data, and the loss terms' state (class
 and the policy's state (protocol step 3 scale, PQ codebooks) follow their own rules.
 """
 
+import dataclasses
 from typing import Any, Optional
 
 import flax.struct
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fgjax import impostors as impostors_lib
 from fgjax import parallel
 from fgjax.impostors import ImpostorSet
 
@@ -98,9 +100,84 @@ def abstract(**kwargs) -> TrainState:
   return jax.eval_shape(lambda kw: create(tx=tx, **kw), kwargs)
 
 
-def place(state: TrainState, mesh) -> TrainState:
-  """The state on `mesh`'s devices: every leaf replicated (batches are what is split).
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a TrainState lies on a mesh; the one place where its sharding is decided.
 
-  The one place where the state's sharding is decided.
+  Impostor rows are split along the mesh's data axis: the centers and labels, the
+  optimiser's moments of trainable centers, and the policy-state entries with one row
+  per training image (`row_fields`, e.g. the k-NN lists). At M = 10M impostors of
+  d = 128 those are 5 GB per float32 copy, which no device should hold whole. Every
+  other leaf is replicated (batches are what is split). M rarely divides by the device
+  count, so row leaves are padded to `rows`, the next multiple of it, with absent
+  impostors (fgjax.impostors.ABSENT labels, which the losses do not weigh); the padding
+  depends on the device count, so `place` re-pads whatever it is given (a hook's fresh
+  M-row arrays, a checkpoint written on another device count).
+
+  Attributes:
+    mesh: the run's mesh (fgjax.parallel.make_mesh).
+    num_impostors: M, the present rows (0 without impostors).
+    row_fields: impostor_state keys whose leaves have one row per impostor.
   """
-  return parallel.replicate(state, mesh)
+  mesh: Any
+  num_impostors: int
+  row_fields: tuple[str, ...] = ()
+
+  @property
+  def rows(self) -> int:
+    """M rounded up to a multiple of the device count."""
+    n = self.mesh.devices.size
+    return -(-self.num_impostors // n) * n
+
+  def is_row_leaf(self, path) -> bool:
+    """Whether the leaf at `path` (a TrainState key path) has one row per impostor."""
+    names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+    if names[:2] == ["params", "impostors"]:
+      return True
+    if names[0] == "opt_state":
+      # The trainable tree is {'net': ..., 'centers': ...}: a 'centers' key under
+      # 'net' would be a network parameter's name, not the impostors.
+      return "centers" in names and "net" not in names[:names.index("centers")]
+    return names[0] == "impostor_state" and names[1] in self.row_fields
+
+  def _map(self, fn, state):
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(self.is_row_leaf(p), p, x),
+                                            state)
+
+  def shardings(self, state: TrainState) -> TrainState:
+    """A NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs)."""
+    rows, replicated = parallel.row_sharding(self.mesh), parallel.replicated(self.mesh)
+    return self._map(lambda row, p, x: rows if row else replicated, state)
+
+  def abstract(self, state: TrainState, rows: Optional[int] = None) -> TrainState:
+    """`state`'s ShapeDtypeStructs with `rows` (default `self.rows`) impostor rows,
+    carrying their shardings where the rows split evenly (a restore target)."""
+    rows = self.rows if rows is None else rows
+    split = rows % self.mesh.devices.size == 0
+    shardings = self.shardings(state)
+
+    def fix(row, path, x):
+      del path
+      return jax.ShapeDtypeStruct((rows, *x.shape[1:]) if row else x.shape, x.dtype)
+    out = self._map(fix, state)
+    if not split:  # Restored whole, then `place` re-pads and splits.
+      return out
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        out, shardings)
+
+  def place(self, state: TrainState) -> TrainState:
+    """The state on the mesh: row leaves cut to M and padded to `rows`, then split;
+    everything else replicated."""
+    def resize(row, path, x):
+      if not row or x.shape[0] == self.rows:
+        return x
+      x = x[:self.num_impostors]
+      fill = impostors_lib.ABSENT if _is_labels(path) else 0
+      return jnp.pad(x, [(0, self.rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1),
+                     constant_values=fill)
+    return jax.device_put(self._map(resize, state), self.shardings(state))
+
+
+def _is_labels(path) -> bool:
+  return [getattr(k, "name", getattr(k, "key", None)) for k in path][:3] == [
+      "params", "impostors", "labels"]

@@ -31,7 +31,8 @@ HARMLESS = ("train.log_every_steps", "train.checkpoint_every_steps",
             "train.max_embedding_norm",
             "train.feature_cache_dir", "input.worker_count", "eval.", "export.",
             "early_exit.", "data.unknown_root",
-            "num_devices", "distributed")
+            "num_devices", "distributed", "coordinator_address", "num_processes",
+            "process_id")
 _LENGTH = ("train.num_epochs", "train.num_steps")
 # Fields added after workdirs were written, with the value that reproduces what those
 # runs did: absent from an old config.json and equal to this in the new config, they

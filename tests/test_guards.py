@@ -15,6 +15,7 @@ from fgjax import train
 from fgjax import workdir as workdir_lib
 from test_data import _cfg
 from test_data import _make_folder
+from test_train import restored
 from test_train import small_config
 
 _HEALTHY = {"loss": 2.3, "grad_norm": 4.0, "embedding_norm": 12.0}
@@ -61,9 +62,8 @@ def test_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert not (tmp_path / "results.json").exists()
   manager = ocp.CheckpointManager(os.path.abspath(tmp_path / "checkpoints"))
   assert manager.all_steps() == [1]  # complete: the async save was waited for
-  state = manager.restore(1, args=ocp.args.StandardRestore(
-      train.Run(config).abstract_state()))
   manager.close()
+  _, state = restored(tmp_path, config, 1)
   centers = np.asarray(state.impostors.centers)
   assert centers.shape == (1078, 64) and np.isfinite(centers).all()
   assert np.abs(centers).max() < 1e3  # the state before the blow-up

@@ -156,7 +156,8 @@ def test_neighbor_lists_drop_the_farthest_where_the_own_index_is_not_found():
   # center, so its own index is not among its k + 1 = 3 nearest (0, 1, 3).
   centers = np.array([[0, 0], [0, 0], [9, 9], [1, 0], [3, 0]], np.float32)
   queries = np.array([[0, 0], [0, 0], [0.1, 0], [1, 0], [3, 0]], np.float32)
-  lists = np.asarray(impostor_policies.neighbor_lists(centers, queries, 2, "exact",
+  imps = impostor_policies.impostors_lib.ImpostorSet(centers, np.zeros(5, np.int32))
+  lists = np.asarray(impostor_policies.neighbor_lists(imps, queries, 2, "exact",
                                                       block=2))
   assert [sorted(r) for r in lists[:4]] == [[1, 3], [0, 3], [0, 1], [0, 1]]
   assert lists[4][0] == 3 and lists[4][1] in (0, 1)   # nearest first

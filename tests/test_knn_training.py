@@ -1,11 +1,8 @@
 """k-NN impostor training end to end on the digits data: the knn / knn_loose policies
 with the fixed / loose schemes, checkpoint and resume, and k = M against full NCA."""
 
-import os
-
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from fgjax import config_checks
@@ -13,6 +10,7 @@ from fgjax import parallel
 from fgjax import train
 from fgjax import workdir
 from tests.test_train import read_losses
+from tests.test_train import restored
 from tests.test_train import small_config
 
 POLICY = {"fixed": "knn", "loose": "knn_loose"}
@@ -24,10 +22,7 @@ def _knn_config(scheme, steps, **overrides):
 
 
 def _restore(workdir, config, step):
-  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-  state = mngr.restore(step, args=ocp.args.StandardRestore(train.Run(config).abstract_state()))
-  mngr.close()
-  return state
+  return restored(workdir, config, step)[1]
 
 
 def _first_step(config):

@@ -8,6 +8,7 @@ import pytest
 from configs import common
 from fgjax.models import localize
 from fgjax.models import nets
+from tests.test_train import restored
 
 
 def _map(rows, cols, cells, value=1.0, base=0.0):
@@ -157,7 +158,7 @@ def test_localization_accuracy_against_tfds_boxes(tmp_path):
     results = train.train_and_evaluate(config, str(tmp_path))
     raw = [splits.test[i] for i in range(len(splits.test))]
     run = train.Run(config)
-    _, state = final_state_of(tmp_path, run)
+    _, state = restored(tmp_path, run)
     out = run.outputs.outputs(state.variables(), "test", ("mean_map",), from_images=True)
   truth = np.stack([transforms.eval_box(r["box"], image_size=64, resize_size=72)
                     for r in raw])
@@ -167,15 +168,6 @@ def test_localization_accuracy_against_tfds_boxes(tmp_path):
   iou = np.asarray(localize.box_iou(boxes, jnp.asarray(truth)))
   assert want["mean_map_iou50"] == pytest.approx(float(np.mean(iou >= 0.5)))
   assert results["localization"]["mean_map_iou50"] == pytest.approx(want["mean_map_iou50"])
-
-
-def final_state_of(workdir, run):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  mngr = ocp.CheckpointManager(str(workdir / "checkpoints"))
-  step = mngr.latest_step()
-  state = mngr.restore(step, args=ocp.args.StandardRestore(run.abstract_state()))
-  mngr.close()
-  return step, state
 
 
 def test_eval_box_follows_resize_and_centre_crop():

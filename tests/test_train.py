@@ -51,13 +51,19 @@ def read_losses(workdir):
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def final_state(workdir, config):
-  import orbax.checkpoint as ocp
-  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-  step = mngr.latest_step()
-  state = mngr.restore(step, args=ocp.args.StandardRestore(train.Run(config).abstract_state()))
+def restored(workdir, config_or_run, step=None):
+  """(step, state) of checkpoint `step` (default: the latest) of `workdir`."""
+  run = (config_or_run if isinstance(config_or_run, train.Run)
+         else train.Run(config_or_run))
+  mngr = train.checkpoint_manager(str(workdir))
+  step = mngr.latest_step() if step is None else step
+  state = train.restore(run, mngr, step)
   mngr.close()
   return step, state
+
+
+def final_state(workdir, config):
+  return restored(workdir, config)
 
 
 def without_times(results):

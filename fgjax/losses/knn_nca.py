@@ -57,8 +57,10 @@ def _forward(q, ql, c, cl, idx, sigma, ex):
   # NaN rule of nca_loss), and so is an index out of [0, M) (unchecked under jit),
   # which poisons its row rather than silently reading another center.
   d = jnp.where((d < jnp.inf) & inside, d, jnp.nan)
-  keep = _first_occurrences(idx) & (idx != ex[:, None])     # j != e_i, each j once
-  pos = keep & (jnp.take(cl, safe) == ql[:, None])          # [l_j = l_i]
+  labels = jnp.take(cl, safe)
+  # j != e_i, each j once, absent rows (negative labels) never.
+  keep = _first_occurrences(idx) & (idx != ex[:, None]) & (labels >= 0)
+  pos = keep & (labels == ql[:, None])                      # [l_j = l_i]
   loss, dd = nca.dense_terms(d, keep, pos, scale)
   return loss, (q, c, safe, sigma, dd, jnp.sum(dd * d, axis=1))
 
@@ -114,6 +116,8 @@ def knn_nca_loss(queries, query_labels, centers, center_labels, neighbor_idx, si
     * NaN rule: a NaN or inf in q_i or in a kept neighbour of it, a distance that
       overflows float32, or (under jit, where values are not checked) an index
       outside [0, M) makes L_i NaN, and its gradients NaN. Other rows are unaffected.
+    * Absent rows: a neighbour whose center label is negative (padding, as in
+      `nca_loss`) is masked like the own impostor.
     * Gradients reach `centers` only in the rows some query kept: every other row's
       gradient is exactly 0.
   With every N_i a permutation of all M centers this equals `nca_loss` (values and

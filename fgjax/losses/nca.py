@@ -169,7 +169,8 @@ def _block_terms(q, qq, ql, ex, c, cc, cl, start):
   # An inf input can give an +inf distance, which would read as "masked".
   d = jnp.where(d < jnp.inf, d, jnp.nan)
   cols = start + jnp.arange(c.shape[0])
-  keep = cols[None, :] != ex[:, None]               # eq. (4): j != i
+  # eq. (4): j != i, and absent rows (negative labels: padding) are no impostors.
+  keep = (cols[None, :] != ex[:, None]) & (cl[None, :] >= 0)
   pos = keep & (cl[None, :] == ql[:, None])         # [l_j = l_i]
   return d, keep, pos
 
@@ -344,6 +345,10 @@ def nca_loss(queries: jax.Array, query_labels: jax.Array, centers: jax.Array,
   exceeds the float32 range. Gradients scale like 1 / sigma^2 (1 / sigma^3
   for sigma) and overflow accordingly.
 
+  Absent rows: a center whose label is negative is not an impostor (the padding
+  that splits M evenly over devices, fgjax.impostors.pad_rows): it weighs 0 in both
+  sums and gets a zero gradient, whatever its coordinates.
+
   A query with no same-class center (after exclusion) has an empty numerator;
   its loss is defined as 0 with zero gradient (pytorch-metric-learning drops
   such rows from its mean instead; weigh them out yourself if you average).
@@ -360,7 +365,7 @@ def nca_loss(queries: jax.Array, query_labels: jax.Array, centers: jax.Array,
     queries: (B, d) float embeddings f(x_i), eq. (1).
     query_labels: (B,) int labels l_i.
     centers: (M, d) float impostors c_j (same dtype family as queries).
-    center_labels: (M,) int labels l_j.
+    center_labels: (M,) int labels l_j; negative marks an absent row.
     sigma: scalar kernel width > 0 of eq. (2) (Python float or traced scalar).
     exclude: optional (B,) int: index in [0, M) of a center each query
       bypasses (its own impostor, the j != i of eq. 4); negative = none.
