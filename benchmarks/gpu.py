@@ -334,7 +334,7 @@ def _synthetic_state(run):
   state = train_state_lib.create(
       params=params, batch_stats=variables.get("batch_stats", {}), impostors=imps,
       loss_state=run.objective.init_state(run.num_classes, run.output_shapes),
-      impostor_state=policy_state, tx=run.tx)
+      impostor_state=policy_state, tx=run.tx, train_centers=run.policy.trainable)
   return run.layout.place(state)
 
 

@@ -93,21 +93,21 @@ def _build(kind: str, imps: str, d: int, m: int, mesh):
   centers, labels, lists = jax.jit(impostors, out_shardings=(split, split, split))(
       jax.random.key(m))
   params = Network.module.init(jax.random.key(0), jnp.zeros((1, FEATURES)))["params"]
-  trainable = {"net": params, "centers": centers}
+  imps = ImpostorSet(centers, labels)
+  trainable = ts.trainable_tree({"net": params, "impostors": imps}, policy.trainable)
   tx = optim.make_optimizer(config, optim.trainable_labels(
       trainable, train_impostors=policy.trainable, frozen=frozenset()), 1000)
   # The optimiser state made under the layout too (Adam's moments of the centers).
   opt_state = jax.jit(tx.init, out_shardings=layout.shardings(
-      ts.abstract(params=params, batch_stats={},
-                  impostors=ImpostorSet(centers, labels), loss_state={},
-                  impostor_state={}, tx=tx)).opt_state)(trainable)
-  state = ts.TrainState(
-      step=jnp.zeros((), jnp.int32), params={"net": params,
-                                             "impostors": ImpostorSet(centers, labels)},
+      ts.abstract(params=params, batch_stats={}, impostors=imps, loss_state={},
+                  impostor_state={}, tx=tx, train_centers=policy.trainable)).opt_state)(
+                      trainable)
+  state = layout.place(ts.TrainState(
+      step=jnp.zeros((), jnp.int32), params={"net": params, "impostors": imps},
       batch_stats={}, opt_state=opt_state, loss_state={},
       impostor_state={"scale": jnp.ones(()), **({"neighbors": lists} if kind == "knn"
-                                                  else {})})
-  state = layout.place(state)
+                                                  else {})},
+      train_centers=policy.trainable))
   update = jax.jit(update_lib.make_update(Network, objective, tx, frozen=frozenset(),
                                           forward="heads", policy=policy),
                    donate_argnums=(0,),

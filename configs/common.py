@@ -163,6 +163,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.impostors.knn_k = 64
   c.impostors.knn_refresh_every_steps = 500
   c.impostors.knn_backend = "exact"
+  # Learnable per-impostor weights w_j = exp(u_j), u_j = 0 at the start, trained with
+  # the impostors' learning rate in every scheme (fixed ones too) and used by the loss
+  # and the rule eq. (3): the NNGK review's eq. 4 / 7 (fgjax.impostors.ImpostorSet).
+  c.impostors.weights = False
+  c.impostors.weights_learning_rate = 1e-2  # Adam, constant; no weight decay
   # Product-quantised impostors: bytes (= subspaces of 8-bit codes) per impostor, 0 off.
   # 'fixed' trains against the compressed impostors (paper); other schemes compress
   # after training.
@@ -184,6 +189,14 @@ def get_config() -> ml_collections.ConfigDict:
   # More softmax heads to report besides 'logits', by output name, e.g. Coarse2Fine's
   # ('coarse_logits', 'fine_logits'): every inference mode from one evaluation.
   c.eval.extra_logits = ()
+  # The impostor paper's RBF-SVM baseline (section 4, fgjax/rbf_svm.py): after training,
+  # SVC(kernel='rbf') on the network's pooled 'features' of the training split, C and
+  # gamma (multiples of 1 / (F Var(x_train)), scikit-learn's 'scale') chosen on val
+  # top-1 from these grids, features normalised by l2 | standardize first.
+  c.eval.rbf_svm = False
+  c.eval.rbf_svm_C_grid = (0.1, 1.0, 10.0, 100.0)
+  c.eval.rbf_svm_gamma_grid = (0.25, 0.5, 1.0, 2.0, 4.0)
+  c.eval.rbf_svm_normalize = "l2"
 
   # What the artifact (<workdir>/artifact) carries for serving. engine='onnx-int8'
   # (fgjax.export.int8) needs activation ranges: calibrated at export on this many

@@ -113,15 +113,15 @@ def export(path: str, *, config, network: nets.Network, class_names: list[str],
   with open(os.path.join(staging, "variables.msgpack"), "wb") as f:
     f.write(flax.serialization.to_bytes(host))
   pq, codes = quantized
-  if impostors is not None and pq is not None:
-    np.savez(os.path.join(staging, "impostors.npz"), codes=np.asarray(codes, np.uint8),
-             codebooks=np.asarray(pq.codebooks, np.float32),
-             rotation=np.asarray(pq.rotation, np.float32),
-             labels=np.asarray(impostors.labels, np.int32))
-  elif impostors is not None:
+  if impostors is not None:
+    rows = (dict(codes=np.asarray(codes, np.uint8),
+                 codebooks=np.asarray(pq.codebooks, np.float32),
+                 rotation=np.asarray(pq.rotation, np.float32)) if pq is not None
+            else dict(centers=np.asarray(impostors.centers, np.float32)))
+    if impostors.log_weights is not None:
+      rows["log_weights"] = np.asarray(impostors.log_weights, np.float32)
     np.savez(os.path.join(staging, "impostors.npz"),
-             centers=np.asarray(impostors.centers, np.float32),
-             labels=np.asarray(impostors.labels, np.int32))
+             labels=np.asarray(impostors.labels, np.int32), **rows)
   workdir_lib.write_json(os.path.join(staging, MANIFEST), {"files": {
       name: {"size": os.path.getsize(os.path.join(staging, name)),
              "sha256": _sha256(os.path.join(staging, name))}
@@ -347,11 +347,12 @@ class Model:
     constants a large impostor set would bloat every compilation."""
     num_classes, sigma = len(self.class_names), self.sigma
     if self.pq is not None:  # Eq. (3) on ADC distances: no impostor is decoded.
-      rule = jax.jit(lambda e, pq, codes, labels:
+      rule = jax.jit(lambda e, pq, codes, labels, log_weights:
                      quantize.rbf_log_probs_from_sq_distances(
                          quantize.adc_squared_distances(pq, e, codes), labels, sigma,
-                         num_classes))
-      args = jax.device_put((self.pq, self.codes, self.impostors.labels))
+                         num_classes, log_weights))
+      args = jax.device_put((self.pq, self.codes, self.impostors.labels,
+                             self.impostors.log_weights))
     elif self.impostors is not None:
       rule = jax.jit(lambda e, imps: impostors_lib.rbf_log_probs(
           e, imps, sigma, num_classes=num_classes))
@@ -408,7 +409,11 @@ def _load_impostors(file: str, num_classes: int) -> tuple[
   if len(labels) and not (labels.min() >= 0 and labels.max() < num_classes):
     raise ArtifactError(f"{file}: impostor labels span {labels.min()}..{labels.max()}, "
                         f"outside the {num_classes} classes of meta.json. {_REEXPORT}")
+  log_weights = arrays.get("log_weights")
+  if log_weights is not None and log_weights.shape != labels.shape:
+    raise ArtifactError(f"{file}: log_weights {log_weights.shape} do not match the "
+                        f"{len(labels)} impostors. {_REEXPORT}")
   if "codes" in arrays:
     pq = quantize.ProductQuantizer(arrays["codebooks"], arrays["rotation"])
-    return impostors_lib.ImpostorSet(None, labels), pq, arrays["codes"]
-  return impostors_lib.ImpostorSet(arrays["centers"], labels), None, None
+    return impostors_lib.ImpostorSet(None, labels, log_weights), pq, arrays["codes"]
+  return impostors_lib.ImpostorSet(arrays["centers"], labels, log_weights), None, None

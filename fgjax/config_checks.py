@@ -110,6 +110,7 @@ def validate(config: Any) -> None:
   _validate_knn(config)
   _validate_export(config)
   _validate_early_exit(config)
+  _validate_rbf_svm(config)
   if config.get("init_from"):
     init_from.parse_parts(config.init_from_parts)
     if not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
@@ -217,6 +218,26 @@ def _validate_early_exit(config: Any) -> None:
   _positive(config, "early_exit.sigma", allow_zero=True)
 
 
+def _validate_rbf_svm(config: Any) -> None:
+  """The RBF-SVM baseline's fields (fgjax/rbf_svm.py; configs written before it lack
+  them)."""
+  if not _has(config, "eval.rbf_svm"):
+    return
+  if not isinstance(config.eval.rbf_svm, bool):
+    raise ValueError(f"config.eval.rbf_svm={config.eval.rbf_svm!r} must be True or "
+                     "False.")
+  for path in ("eval.rbf_svm_C_grid", "eval.rbf_svm_gamma_grid"):
+    grid = _get(config, path)
+    values = (grid,) if isinstance(grid, (str, bool)) else tuple(grid)
+    if not values or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+        for v in values):
+      raise ValueError(f"config.{path}={grid!r} must be a non-empty tuple of numbers "
+                       "> 0, e.g. (0.1, 1.0, 10.0).")
+  from fgjax import rbf_svm  # pylint: disable=g-import-not-at-top
+  _one_of(config, "eval.rbf_svm_normalize", rbf_svm.NORMALIZATIONS)
+
+
 def _validate_pq(config: Any) -> None:
   pq_bytes = int(config.impostors.get("pq_bytes", 0))
   if not pq_bytes:
@@ -241,6 +262,13 @@ def _validate_knn(config: Any) -> None:
                        + (" (0: lists only from the initial embeddings)." if low == 0
                           else " (neighbours per training image; 64 by default)."))
   _one_of(config, "impostors.knn_backend", search.BACKENDS)
+  weights = config.impostors.get("weights", False)
+  if not isinstance(weights, bool):
+    raise ValueError(f"config.impostors.weights={weights!r} must be True or False.")
+  rate = config.impostors.get("weights_learning_rate", 1e-2)
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < 10:
+    raise ValueError(f"config.impostors.weights_learning_rate={rate!r} must be a number "
+                     "in (0, 10), e.g. 1e-2.")
 
 
 def check_compatible(resolved, network, objective, policy,
@@ -272,6 +300,10 @@ def check_compatible(resolved, network, objective, policy,
                      f"that no loss term in {[t.name for t in objective.terms]} reads; "
                      "add the term that uses them (term 'nca' reads 'neighbors') or "
                      "choose another policy.")
+  if policy.weighted and not policy.uses_impostors:
+    raise ValueError(f"config.impostors.weights=True weighs impostors, but "
+                     f"config.impostors.policy resolves to {resolved.policy!r} (none); "
+                     "choose an impostor scheme or set weights=False.")
   if policy.uses_impostors and network.embedding_layer is None:
     raise ValueError(f"impostor policy {resolved.policy!r} needs a network with an "
                      f"embedding layer; {network.name!r} has none (use "

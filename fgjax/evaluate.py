@@ -64,7 +64,7 @@ def rbf_log_probs(embeddings: np.ndarray, impostors: impostors_lib.ImpostorSet,
   sq_dists, idx = index.search(np.asarray(embeddings, np.float32), k)
   return np.asarray(impostors_lib.rbf_log_probs_from_neighbors(
       jnp.asarray(sq_dists), jnp.asarray(idx), jnp.asarray(impostors.labels), sigma,
-      num_classes))
+      num_classes, log_weights=impostors.log_weights))
 
 
 def select_sigma(embeddings: np.ndarray, labels: np.ndarray,

@@ -80,6 +80,8 @@ class Policy:
 
   def __init__(self, config):
     self.config = config
+    # Learnable per-impostor weights (NNGK review eq. 4 / 7), on any scheme.
+    self.weighted = bool(config.impostors.get("weights", False))
 
   def init(self, network, params: dict[str, Any], embeddings: np.ndarray,
            labels: np.ndarray) -> tuple[dict[str, Any], Optional[impostors_lib.ImpostorSet],
@@ -94,6 +96,8 @@ class Policy:
     """
     imps, scale = impostors_lib.init_impostors(jnp.asarray(embeddings),
                                                jnp.asarray(labels))
+    if self.weighted:  # w_j = 1: training starts from the unweighted rule.
+      imps = imps._replace(log_weights=jnp.zeros(imps.labels.shape, jnp.float32))
     # Protocol step 3: the last layer shrinks by the same factor as the impostors, so
     # embeddings and impostors stay on one scale.
     params = network.scale_embedding(params, 1.0 / scale)
@@ -103,7 +107,8 @@ class Policy:
     """Shapes of (impostors, policy state) for a restore, without computing them."""
     imps = impostors_lib.ImpostorSet(
         jax.ShapeDtypeStruct((num_impostors, width), jnp.float32),
-        jax.ShapeDtypeStruct((num_impostors,), jnp.int32))
+        jax.ShapeDtypeStruct((num_impostors,), jnp.int32),
+        jax.ShapeDtypeStruct((num_impostors,), jnp.float32) if self.weighted else None)
     return imps, {"scale": jax.ShapeDtypeStruct((), jnp.float32)}
 
   def after_step(self, state, step: int, context: Context):
@@ -152,7 +157,9 @@ class Tied(Policy):
     if not period or step % period or step >= context.total_steps:
       return state
     emb, labels = context.train_embeddings(state)
-    imps = impostors_lib.ImpostorSet(jnp.asarray(emb), jnp.asarray(labels, jnp.int32))
+    # Learned weights stay with their training images (context.place re-pads rows).
+    imps = state.impostors._replace(centers=jnp.asarray(emb),
+                                    labels=jnp.asarray(labels, jnp.int32))
     return context.place(state.replace(params={**state.params, "impostors": imps}))
 
 

@@ -31,9 +31,15 @@ class ImpostorSet(NamedTuple):
   Attributes:
     centers: (M, d) float impostors c_j.
     labels: (M,) int32 class labels l_j (mask them out of the optimiser).
+    log_weights: None, or (M,) float u_j: impostor j's kernel value is multiplied by
+      w_j = exp(u_j) in the rule eq. (3) and the losses (the sample-importance
+      weights of the NNGK review, eq. 4 and 7; config.impostors.weights). The log
+      keeps every weight positive whatever the optimiser does; u = 0 is the
+      unweighted rule.
   """
   centers: jax.Array
   labels: jax.Array
+  log_weights: Optional[jax.Array] = None
 
 
 # The label of an absent row: padding that lets M impostors split evenly over the
@@ -47,15 +53,19 @@ def pad_rows(impostors: ImpostorSet, rows: int) -> ImpostorSet:
   extra = rows - impostors.centers.shape[0]
   if extra < 0:
     raise ValueError(f"cannot pad {impostors.centers.shape[0]} impostors to {rows} rows.")
+  u = impostors.log_weights
   return ImpostorSet(jnp.pad(impostors.centers, ((0, extra), (0, 0))),
-                     jnp.pad(impostors.labels, (0, extra), constant_values=ABSENT))
+                     jnp.pad(impostors.labels, (0, extra), constant_values=ABSENT),
+                     None if u is None else jnp.pad(u, (0, extra)))
 
 
 def present(impostors: ImpostorSet) -> ImpostorSet:
   """The impostors without the trailing absent rows of `pad_rows` (host arrays)."""
   labels = np.asarray(impostors.labels)
   count = int(np.flatnonzero(labels != ABSENT)[-1]) + 1 if (labels != ABSENT).any() else 0
-  return ImpostorSet(np.asarray(impostors.centers)[:count], labels[:count])
+  u = impostors.log_weights
+  return ImpostorSet(np.asarray(impostors.centers)[:count], labels[:count],
+                     None if u is None else np.asarray(u)[:count])
 
 
 def init_impostors(embeddings: jax.Array,
@@ -141,11 +151,12 @@ def rbf_log_probs(queries: jax.Array, impostors: ImpostorSet, sigma: Any,
 
   log p(l | y_i) = LSE_{j: l_j = l, j != e_i} a_ij - LSE_{j != e_i} a_ij,
   a_ij = -||y_i - c_j||^2 / (2 sigma^2) (eq. 2), one stable log-sum-exp per
-  class.
+  class; with impostor weights a_ij + log w_j (NNGK review eq. 7).
 
   Args:
     queries: (B, d) float embeddings y.
-    impostors: ImpostorSet, centers (M, d), labels (M,) in [0, num_classes).
+    impostors: ImpostorSet, centers (M, d), labels (M,) in [0, num_classes),
+      optional log_weights (M,).
     sigma: scalar kernel width > 0 (may be traced).
     num_classes: C, a Python int (static under jit).
     exclude: optional (B,) int impostor index each query bypasses (e.g. a
@@ -180,10 +191,13 @@ def rbf_log_probs(queries: jax.Array, impostors: ImpostorSet, sigma: Any,
   scale = 0.5 / jnp.square(jnp.asarray(sigma, dtype))
   qq = jnp.sum(q * q, axis=-1)
   cc = jnp.sum(centers * centers, axis=-1)
+  u = nca.log_weights_arg(impostors.log_weights, centers)
 
   def body(carry, start, c_blk, extras):
-    cc_blk, l_blk = extras
+    cc_blk, l_blk = extras[:2]
     logits = -scale * nca.squared_distances_from_norms(q, qq, c_blk, cc_blk)
+    if u is not None:
+      logits = logits + extras[2][None, :]
     cols = start + jnp.arange(c_blk.shape[0])
     logits = jnp.where(cols[None, :] == ex[:, None], -jnp.inf, logits)
     return _class_lse_block(*carry, logits, l_blk, num_classes), None
@@ -191,13 +205,15 @@ def rbf_log_probs(queries: jax.Array, impostors: ImpostorSet, sigma: Any,
   b = q.shape[0]
   init = (jnp.full((num_classes, b), -jnp.inf, dtype),
           jnp.zeros((num_classes, b), dtype))
-  (m, s), _ = nca.scan_chunks(body, init, centers, (cc, labels), chunk)
+  extras = (cc, labels) if u is None else (cc, labels, u)
+  (m, s), _ = nca.scan_chunks(body, init, centers, extras, chunk)
   return _normalise(_finish(m, s).T)
 
 
 def rbf_log_probs_from_neighbors(sq_dists: jax.Array, indices: jax.Array,
                                  impostor_labels: jax.Array, sigma: Any,
-                                 num_classes: int) -> jax.Array:
+                                 num_classes: int,
+                                 log_weights: Optional[jax.Array] = None) -> jax.Array:
   """Eq. (3) restricted to the k nearest impostors found by a search index.
 
   p(l | y) = sum_{j in N_k(y)} w_j [l_j = l] / sum_{j in N_k(y)} w_j
@@ -210,6 +226,7 @@ def rbf_log_probs_from_neighbors(sq_dists: jax.Array, indices: jax.Array,
     impostor_labels: (M,) int labels in [0, num_classes).
     sigma: scalar kernel width > 0.
     num_classes: C, a Python int.
+    log_weights: optional (M,) float impostor log-weights (ImpostorSet.log_weights).
 
   Returns:
     (B, C) float log-probabilities; -inf for classes with no neighbour.
@@ -234,16 +251,21 @@ def rbf_log_probs_from_neighbors(sq_dists: jax.Array, indices: jax.Array,
   _checks.in_range(idx, "indices", 0, m_total, "impostor indices")
   _checks.labels_in_range(labels, "impostor_labels", num_classes)
   dtype = _checks.compute_dtype(d2.dtype)
+  if log_weights is not None:
+    log_weights = _checks.float_array(log_weights, "log_weights", 1).astype(dtype)
+    _checks.same_size(log_weights, "log_weights", 0, labels, "impostor_labels", 0)
   return _neighbor_rule(d2.astype(dtype), idx, labels, jnp.asarray(sigma, dtype),
-                        num_classes)
+                        num_classes, log_weights)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))
-def _neighbor_rule(d2, idx, labels, sigma, num_classes):
+def _neighbor_rule(d2, idx, labels, sigma, num_classes, log_weights=None):
   # One compiled call: op-by-op dispatch of these few ops cost ~3 ms a call on CPU,
   # 20x a single ScaNN query (benchmarks/timing.py); inside an outer jit it inlines.
   dtype = d2.dtype
   logits = -d2 / (2.0 * jnp.square(sigma))
+  if log_weights is not None:
+    logits = logits + jnp.take(log_weights, idx, axis=0)
   nb_labels = jnp.take(labels, idx, axis=0)                       # (B, k)
   b = logits.shape[0]
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], nb_labels.shape)

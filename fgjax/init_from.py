@@ -67,12 +67,17 @@ def load(workdir: str) -> dict[str, Any]:
   return jax.tree.map(np.asarray, restored)
 
 
-def _key(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+def path_key(path) -> str:
+  """'a/b/0/c' for a pytree key path: the same for a pytree and its checkpoint's
+  nested dicts (named tuples and dataclasses become dicts there)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-  return {_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def flat(tree: Any) -> dict[str, Any]:
+  """{path_key: leaf} of every array leaf of `tree`."""
+  return {path_key(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def merge(target: Any, source: Any, what: str) -> Any:
@@ -81,8 +86,8 @@ def merge(target: Any, source: Any, what: str) -> Any:
   Raises:
     ValueError: a leaf of both has different shapes (names `what`/path and the shapes).
   """
-  src = _flat(source)
-  tgt = _flat(target)
+  src = flat(source)
+  tgt = flat(target)
   for path, leaf in tgt.items():
     if path in src and np.shape(src[path]) != np.shape(leaf):
       raise ValueError(
@@ -99,5 +104,5 @@ def merge(target: Any, source: Any, what: str) -> Any:
     logging.warning("init_from: %s of the source run not used: %s", what,
                     ", ".join(dropped))
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: np.asarray(src.get(_key(path), leaf), np.asarray(leaf).dtype),
+      lambda path, leaf: np.asarray(src.get(path_key(path), leaf), np.asarray(leaf).dtype),
       target)

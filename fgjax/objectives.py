@@ -165,11 +165,14 @@ class NCA(Term):
 
   def __call__(self, outputs, batch, impostors, state):
     args = (outputs[self.input], batch["label"], impostors.centers, impostors.labels)
+    weights = impostors.log_weights
     if "neighbors" in batch:
       per_example = losses.knn_nca_loss(*args, batch["neighbors"], self.sigma,
-                                        exclude=batch["index"])
+                                        exclude=batch["index"],
+                                        center_log_weights=weights)
     else:
-      per_example = losses.nca_loss(*args, self.sigma, exclude=batch["index"])
+      per_example = losses.nca_loss(*args, self.sigma, exclude=batch["index"],
+                                    center_log_weights=weights)
     return _valid_mean(per_example, batch["valid"].astype(jnp.float32)), state, {}
 
 

@@ -2,10 +2,13 @@
 
 The paper trains with Adam and weight decay 5e-4 in PyTorch, whose `Adam(weight_decay=)`
 adds `wd * w` to the gradient before the Adam moments (coupled L2, not AdamW); we mirror
-that with `add_decayed_weights` before `scale_by_adam`. Frozen leaves (fixed impostors,
-tied impostors between resets, backbone blocks a CPU budget leaves untouched) go
-through `optax.set_to_zero`, so they neither move nor decay, and Adam keeps no state
-for them.
+that with `add_decayed_weights` before `scale_by_adam`. Frozen leaves (backbone blocks a
+CPU budget leaves untouched, groups named in config.model.frozen) go through
+`optax.set_to_zero`, so they neither move nor decay, and Adam keeps no state for them;
+frozen impostor centers (fixed, tied, compressed_fixed) are no optimiser leaves at all
+(fgjax.train_state.trainable_tree). Trainable impostors get their own learning-rate
+multiplier and no decay; impostor log-weights (config.impostors.weights) their own
+constant rate.
 """
 
 from typing import Any, Sequence
@@ -13,7 +16,7 @@ from typing import Any, Sequence
 import jax
 import optax
 
-TRAIN, FROZEN, IMPOSTORS = "train", "frozen", "impostors"
+TRAIN, FROZEN, IMPOSTORS, WEIGHTS = "train", "frozen", "impostors", "impostor_weights"
 SCHEDULES = ("constant", "cosine")
 _TRAINABLE_HELP = "'all', 'head' or 'last:N' (N >= 1 backbone blocks)"
 
@@ -64,6 +67,8 @@ def trainable_labels(trainable: Any, *, train_impostors: bool,
   labels = {"net": jax.tree_util.tree_map_with_path(net_label, trainable["net"])}
   if "centers" in trainable:
     labels["centers"] = IMPOSTORS if train_impostors else FROZEN
+  if "log_weights" in trainable:  # Learnable in every scheme (config.impostors.weights).
+    labels["log_weights"] = WEIGHTS
   return labels
 
 
@@ -94,6 +99,10 @@ def make_optimizer(config, labels: Any,
       optax.scale_by_adam(),
       optax.scale_by_learning_rate(
           lambda step: schedule(step) * o.impostor_lr_multiplier))
-  return optax.multi_transform(
-      {TRAIN: optax.chain(*steps), FROZEN: optax.set_to_zero(), IMPOSTORS: impostor_tx},
-      labels)
+  transforms = {TRAIN: optax.chain(*steps), FROZEN: optax.set_to_zero(),
+                IMPOSTORS: impostor_tx}
+  if WEIGHTS in jax.tree.leaves(labels):
+    # Log-weights start at 0 and need O(1) moves whatever lr the network trains
+    # with (1e-5 for fixed impostors on birds525): their own constant rate.
+    transforms[WEIGHTS] = optax.adam(float(config.impostors.weights_learning_rate))
+  return optax.multi_transform(transforms, labels)

@@ -530,7 +530,8 @@ def adc_squared_distances(pq: ProductQuantizer, queries: Any,
 
 
 def rbf_log_probs_from_sq_distances(sq_dists: Any, labels: Any, sigma: float,
-                                    num_classes: int) -> jax.Array:
+                                    num_classes: int,
+                                    log_weights: Any | None = None) -> jax.Array:
   """RBF class log-probabilities over all N impostors (paper eqs. 2-3).
 
   A thin wrapper of `fgjax.impostors.rbf_log_probs_from_neighbors` with every
@@ -541,6 +542,7 @@ def rbf_log_probs_from_sq_distances(sq_dists: Any, labels: Any, sigma: float,
     labels: (N,) integer class labels of the impostors in [0, num_classes).
     sigma: kernel bandwidth (> 0).
     num_classes: C.
+    log_weights: optional (N,) impostor log-weights (ImpostorSet.log_weights).
 
   Returns:
     (B, C) log-probabilities; -inf for classes without impostors.
@@ -550,7 +552,7 @@ def rbf_log_probs_from_sq_distances(sq_dists: Any, labels: Any, sigma: float,
   indices = jnp.broadcast_to(
       jnp.arange(sq_dists.shape[1], dtype=jnp.int32)[None, :], sq_dists.shape)
   return impostors.rbf_log_probs_from_neighbors(sq_dists, indices, labels,
-                                                sigma, num_classes)
+                                                sigma, num_classes, log_weights)
 
 
 def nbytes(pq: ProductQuantizer, codes: Any | None = None) -> dict[str, int]:

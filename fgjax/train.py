@@ -136,7 +136,7 @@ class Run:
         self.policy.row_fields)
     labels = optim.trainable_labels(
         train_state_lib.trainable_tree({"net": abstract_params["params"],
-                                        "impostors": abstract_imps}),
+                                        "impostors": abstract_imps}, self.policy.trainable),
         train_impostors=self.policy.trainable, frozen=self.frozen)
     # The optimiser exists before any state: creating and restoring use the same one.
     self.tx = optim.make_optimizer(config, labels, self.total_steps)
@@ -188,7 +188,8 @@ class Run:
       params, imps, policy_state = self.policy.init(self.network, params, emb, labels)
     state = train_state_lib.create(
         params=params, batch_stats=variables.get("batch_stats", {}), impostors=imps,
-        loss_state=loss_state, impostor_state=policy_state, tx=self.tx)
+        loss_state=loss_state, impostor_state=policy_state, tx=self.tx,
+        train_centers=self.policy.trainable)
     return self.layout.place(state)
 
   def _source_impostors(self, source):
@@ -216,7 +217,8 @@ class Run:
         params=v["params"], batch_stats=v.get("batch_stats", {}),
         impostors=self._abstract_impostors,
         loss_state=jax.eval_shape(self._loss_state),
-        impostor_state=self._abstract_policy_state, tx=self.tx)
+        impostor_state=self._abstract_policy_state, tx=self.tx,
+        train_centers=self.policy.trainable)
 
   def make_update(self):
     # The state keeps its layout through the step (impostor rows stay split).
@@ -304,7 +306,27 @@ def restore(run: Run, manager: ocp.CheckpointManager, step: int
   imps = manager.item_metadata(step).tree["params"].get("impostors")
   rows = int(imps["centers"].shape[0]) if imps else None
   target = run.layout.abstract(run.abstract_state(), rows=rows)
-  return run.layout.place(manager.restore(step, args=ocp.args.StandardRestore(target)))
+  try:
+    state = manager.restore(step, args=ocp.args.StandardRestore(target))
+  except ValueError:
+    # Checkpoints written before frozen impostor centers left the optimiser's tree
+    # hold empty entries for them that the strict restore refuses.
+    state = _restore_by_path(manager, step, target)
+  return run.layout.place(state)
+
+
+def _restore_by_path(manager: ocp.CheckpointManager, step: int, target):
+  """Every array of `target` from checkpoint `step` by its path (extra entries of the
+  checkpoint are ignored; a missing one is an error naming it)."""
+  saved = init_from.flat(manager.restore(step, args=ocp.args.StandardRestore()))
+  wanted = init_from.flat(target)
+  missing = sorted(set(wanted) - set(saved))
+  if missing:
+    raise ValueError(f"checkpoint {step} in {manager.directory} lacks {missing[:5]} "
+                     f"({len(missing)} arrays) of this config's training state; it "
+                     "belongs to another config: use a new --workdir.")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: np.asarray(saved[init_from.path_key(path)], leaf.dtype), target)
 
 
 def _compressed_impostors(run: Run, state, imps: Optional[impostors_lib.ImpostorSet]
@@ -363,6 +385,10 @@ def _evaluate(run: Run, state, workdir: str,
     results["attention_picture"] = bap.attention_pictures(run, variables, workdir)
   if run.config.eval.localization and run.outputs.has("test"):
     results["localization"] = _localization(run, variables, workdir)
+  if run.config.eval.get("rbf_svm"):  # The impostor paper's baseline (section 4).
+    from fgjax import rbf_svm  # pylint: disable=g-import-not-at-top
+    results["rbf_svm"] = rbf_svm.for_run(
+        run, variables, workdir if jax.process_index() == 0 else None)
   results["num_classes"] = run.num_classes
   results["num_impostors"] = None if imps is None else int(imps.centers.shape[0])
   return results, quantized

@@ -1,14 +1,14 @@
 """The training state: one typed pytree, created once, restored into its abstract twin.
 
   state = train_state.create(params=..., batch_stats=..., impostors=..., loss_state=...,
-                             impostor_state=..., tx=tx)
+                             impostor_state=..., tx=tx, train_centers=...)
   target = train_state.abstract(...)         # same arguments as ShapeDtypeStructs
 
 `abstract` runs `create` under jax.eval_shape, so a checkpoint restore learns every
 shape and dtype (optimiser moments included) without allocating or computing anything.
-The optimiser only sees `trainable()`: the network params and, with a trainable policy,
-the impostor centers; impostor labels are data, and the loss terms' state (class means)
-and the policy's state (protocol step 3 scale, PQ codebooks) follow their own rules.
+The optimiser only sees `trainable()`: the network params, the impostor centers with a
+trainable policy and the impostor weights where there are some; impostor labels are
+data, and the loss terms' state (class means) and the policy's state (protocol step 3 scale, PQ codebooks) follow their own rules.
 """
 
 import dataclasses
@@ -35,6 +35,9 @@ class TrainState:
     opt_state: optax state of `trainable()`.
     loss_state: {term name: state} of the loss terms that keep one (fgjax.objectives).
     impostor_state: the impostor policy's state (fgjax.impostor_policies).
+    train_centers: static: whether the impostor centers are optimiser leaves (the
+      policy trains them). Frozen centers stay out of the optimiser's tree: at M = 1M
+      their zero gradient and zero update alone were O(M d) per step.
   """
   step: jax.Array
   params: dict[str, Any]
@@ -42,6 +45,7 @@ class TrainState:
   opt_state: Any
   loss_state: dict[str, Any]
   impostor_state: dict[str, Any]
+  train_centers: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def impostors(self) -> Optional[ImpostorSet]:
@@ -55,29 +59,38 @@ class TrainState:
     return out
 
   def trainable(self) -> dict[str, Any]:
-    return trainable_tree(self.params)
+    return trainable_tree(self.params, self.train_centers)
 
   def with_trainable(self, trainable: dict[str, Any]) -> "TrainState":
     """The state with the optimiser's leaves replaced (impostor labels kept)."""
     imps = self.impostors
-    if "centers" in trainable:
-      imps = ImpostorSet(trainable["centers"], imps.labels)
+    if imps is not None:
+      imps = imps._replace(**{k: trainable[k] for k in IMPOSTOR_LEAVES if k in trainable})
     return self.replace(params={"net": trainable["net"], "impostors": imps})
 
 
-def trainable_tree(params: dict[str, Any]) -> dict[str, Any]:
-  """{'net': ..., 'centers': ...}: every float leaf the optimiser may update."""
+# The impostor fields the optimiser sees, under these names in `trainable_tree`.
+IMPOSTOR_LEAVES = ("centers", "log_weights")
+
+
+def trainable_tree(params: dict[str, Any], train_centers: bool) -> dict[str, Any]:
+  """{'net': ..., 'centers'?: ..., 'log_weights'?: ...}: every float leaf the optimiser
+  may update (fgjax.optim labels which of them train); the centers only where the
+  policy trains them, impostor weights wherever there are some."""
   tree = {"net": params["net"]}
-  if params["impostors"] is not None:
-    tree["centers"] = params["impostors"].centers
+  imps = params["impostors"]
+  if imps is not None:
+    tree.update({k: getattr(imps, k) for k in IMPOSTOR_LEAVES
+                 if getattr(imps, k) is not None and (k != "centers" or train_centers)})
   return tree
 
 
 def create(*, params: dict[str, Any], batch_stats: dict[str, Any],
            impostors: Optional[ImpostorSet], loss_state: dict[str, Any],
-           impostor_state: dict[str, Any], tx: optax.GradientTransformation
-           ) -> TrainState:
-  """A fresh state at step 0, with its own copy of every array.
+           impostor_state: dict[str, Any], tx: optax.GradientTransformation,
+           train_centers: bool = False) -> TrainState:
+  """A fresh state at step 0, with its own copy of every array (`train_centers`:
+  the policy trains the impostor centers, fgjax.impostor_policies.Policy.trainable).
 
   The copy is what makes donating the state to the jitted update safe: the initial
   network params come from the backbone registry, whose arrays other code (the
@@ -87,8 +100,10 @@ def create(*, params: dict[str, Any], batch_stats: dict[str, Any],
   fresh = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731
   params, batch_stats = fresh(params), fresh(batch_stats)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=batch_stats, opt_state=tx.init(trainable_tree(params)),
-                    loss_state=fresh(loss_state), impostor_state=fresh(impostor_state))
+                    batch_stats=batch_stats,
+                    opt_state=tx.init(trainable_tree(params, train_centers)),
+                    loss_state=fresh(loss_state), impostor_state=fresh(impostor_state),
+                    train_centers=train_centers)
 
 
 def abstract(**kwargs) -> TrainState:
@@ -96,8 +111,8 @@ def abstract(**kwargs) -> TrainState:
 
   Takes `create`'s keyword arguments; arrays may be ShapeDtypeStructs.
   """
-  tx = kwargs.pop("tx")
-  return jax.eval_shape(lambda kw: create(tx=tx, **kw), kwargs)
+  static = {k: kwargs.pop(k) for k in ("tx", "train_centers") if k in kwargs}
+  return jax.eval_shape(lambda kw: create(**static, **kw), kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +150,10 @@ class Layout:
     if names[:2] == ["params", "impostors"]:
       return True
     if names[0] == "opt_state":
-      # The trainable tree is {'net': ..., 'centers': ...}: a 'centers' key under
-      # 'net' would be a network parameter's name, not the impostors.
-      return "centers" in names and "net" not in names[:names.index("centers")]
+      # The trainable tree is {'net': ..., 'centers': ..., 'log_weights': ...}: such a
+      # key under 'net' would be a network parameter's name, not the impostors'.
+      first = next((i for i, n in enumerate(names) if n in IMPOSTOR_LEAVES), None)
+      return first is not None and "net" not in names[:first]
     return names[0] == "impostor_state" and names[1] in self.row_fields
 
   def _map(self, fn, state):

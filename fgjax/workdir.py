@@ -42,6 +42,7 @@ _ADDED_LATER = {"model.exit_stages": [], "loss.exit_ce.weight": None,
                 # Read only by the k-NN impostor policies (knn, knn_loose).
                 **{f"impostors.{f}": None for f in (
                     "knn_k", "knn_refresh_every_steps", "knn_backend")},
+                "impostors.weights": False, "impostors.weights_learning_rate": None,
                 # Read only by the BAP networks (bap, bap_impostor, c2f).
                 **{f"model.{f}": None for f in (
                     "attention_maps", "bap_scale", "attention_orthogonal_init",

@@ -38,14 +38,14 @@ def _problem(seed=0):
           rng.integers(0, M, B).astype(np.int32), rng.integers(0, M, (B, K)).astype(np.int32))
 
 
-def _state(layout_fields=("neighbors",), trainable=True):
+def _state(trainable=True):
   imps = impostors_lib.ImpostorSet(jnp.arange(M * D, dtype=jnp.float32).reshape(M, D),
                                    jnp.arange(M, dtype=jnp.int32) % 7)
   tx = optax.adam(1e-3) if trainable else optax.set_to_zero()
   return train_state.create(
       params={"w": jnp.ones((3,))}, batch_stats={}, impostors=imps, loss_state={},
       impostor_state={"scale": jnp.ones(()), "neighbors": jnp.zeros((M, 5), jnp.int32)},
-      tx=tx)
+      tx=tx, train_centers=trainable)
 
 
 def test_layout_splits_every_row_leaf_and_pads_with_absent_rows():

@@ -3,7 +3,10 @@
 * `nca_loss`: impostor-network / NCA loss, Lebedev et al. eq. (4) (custom VJP,
   optionally streamed over the centers in chunks).
 * `knn_nca_loss`: the same over each query's k selected impostors (Meyer et al.'s
-  k-NN RBF solver; NNGK review eq. 6-7).
+  k-NN RBF solver; NNGK review eq. 6-7). Both take optional per-impostor weights
+  (`center_log_weights`, NNGK review eq. 4 / 7).
+* `soft_nca_loss`: the NCA loss with soft impostor labels (the NNGK review's
+  continual learning, eq. 13 redistributes them).
 * `attachment_loss`: loose-impostor attachment term, eq. (6).
 * `center_loss`: Wen et al. 2016.
 * `update_class_means`, `elope_loss`: ELoPE Sec. 4, eq. (5)-(10).
@@ -23,9 +26,11 @@ from fgjax.losses.nca import masked_logsumexp
 from fgjax.losses.nca import nca_loss
 from fgjax.losses.nca import rbf_logits
 from fgjax.losses.nca import squared_distances
+from fgjax.losses.soft_nca import soft_nca_loss
 
 __all__ = [
     "attachment_loss", "attention_center_loss", "update_attention_centers",
     "center_loss", "elope_loss", "update_class_means",
-    "knn_nca_loss", "masked_logsumexp", "nca_loss", "rbf_logits", "squared_distances",
+    "knn_nca_loss", "masked_logsumexp", "nca_loss", "rbf_logits", "soft_nca_loss",
+    "squared_distances",
 ]

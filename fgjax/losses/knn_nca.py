@@ -46,7 +46,7 @@ def _differences(q, c, safe):
   return jnp.take(c, safe, axis=0) - q[:, None, :]
 
 
-def _forward(q, ql, c, cl, idx, sigma, ex):
+def _forward(q, ql, c, cl, idx, sigma, ex, u):
   scale = nca.kernel_scale(sigma)
   m = c.shape[0]
   inside = (idx >= 0) & (idx < m)
@@ -61,38 +61,41 @@ def _forward(q, ql, c, cl, idx, sigma, ex):
   # j != e_i, each j once, absent rows (negative labels) never.
   keep = _first_occurrences(idx) & (idx != ex[:, None]) & (labels >= 0)
   pos = keep & (labels == ql[:, None])                      # [l_j = l_i]
-  loss, dd = nca.dense_terms(d, keep, pos, scale)
-  return loss, (q, c, safe, sigma, dd, jnp.sum(dd * d, axis=1))
+  # Relative weights over the selected rows: the list's own maximum cancels too.
+  w = None if u is None else nca.relative_weights(jnp.take(u, safe))
+  loss, dd = nca.dense_terms(d, keep, pos, scale, w)
+  return loss, (q, c, safe, sigma, u, dd, jnp.sum(dd * d, axis=1))
 
 
 @jax.custom_vjp
-def _knn_nca(q, ql, c, cl, idx, sigma, ex):
-  return _forward(q, ql, c, cl, idx, sigma, ex)[0]
+def _knn_nca(q, ql, c, cl, idx, sigma, ex, u):
+  return _forward(q, ql, c, cl, idx, sigma, ex, u)[0]
 
 
-def _knn_nca_fwd(q, ql, c, cl, idx, sigma, ex):
-  return _forward(q, ql, c, cl, idx, sigma, ex)
+def _knn_nca_fwd(q, ql, c, cl, idx, sigma, ex, u):
+  return _forward(q, ql, c, cl, idx, sigma, ex, u)
 
 
 def _knn_nca_bwd(res, g):
-  # a_ij = -s d_ij with s = 1 / (2 sigma^2) and D_ij = dL_i/da_ij = p_ij - p+_ij:
+  # a_ij = -s d_ij + u_j with s = 1 / (2 sigma^2), D_ij = dL_i/da_ij = p_ij - p+_ij:
   #   da_ij/dq_i = 2s (c_j - q_i),  da_ij/dc_j = -2s (c_j - q_i),
-  #   da_ij/dsigma = 2s d_ij / sigma.
+  #   da_ij/dsigma = 2s d_ij / sigma,  da_ij/du_j = 1.
   # Elementwise products and sums, not einsum: no TF32/bf16 matmul pass on GPU/TPU.
-  q, c, safe, sigma, dd, dd_dot_d = res
+  q, c, safe, sigma, u, dd, dd_dot_d = res
   scale = nca.kernel_scale(sigma)
   gd = ((2 * scale) * g)[:, None, None] * dd[..., None] * _differences(q, c, safe)
   dq = jnp.sum(gd, axis=1)
   dc = jnp.zeros_like(c).at[safe].add(-gd)
   dsigma = jnp.sum(g * dd_dot_d) * scale * (2.0 / sigma)
-  return dq, None, dc, None, None, dsigma.astype(sigma.dtype), None
+  du = None if u is None else jnp.zeros_like(u).at[safe].add(g[:, None] * dd)
+  return dq, None, dc, None, None, dsigma.astype(sigma.dtype), None, du
 
 
 _knn_nca.defvjp(_knn_nca_fwd, _knn_nca_bwd)
 
 
 def knn_nca_loss(queries, query_labels, centers, center_labels, neighbor_idx, sigma,
-                 exclude=None) -> jax.Array:
+                 exclude=None, center_log_weights=None) -> jax.Array:
   """Per-query NCA loss of eq. (4) over each query's k selected impostors.
 
   Impostor Networks (Lebedev et al.) eq. (4) with the Gaussian kernel of eq. (2),
@@ -123,8 +126,13 @@ def knn_nca_loss(queries, query_labels, centers, center_labels, neighbor_idx, si
   With every N_i a permutation of all M centers this equals `nca_loss` (values and
   gradients, to float32 rounding).
 
-  Differentiable in `queries`, `centers` and `sigma` through a custom VJP (reverse
-  mode only). jit/vmap-safe; memory O(B * k * d) besides the inputs.
+  Per-center weights w_j = exp(center_log_weights_j) multiply each kernel value as in
+  `nca_loss` (NNGK review eq. 7); their gradient, like the centers', reaches only the
+  rows some query kept.
+
+  Differentiable in `queries`, `centers`, `sigma` and `center_log_weights` through a
+  custom VJP (reverse mode only). jit/vmap-safe; memory O(B * k * d) besides the
+  inputs.
 
   Args:
     queries: (B, d) float embeddings f(x_i), eq. (1).
@@ -135,6 +143,7 @@ def knn_nca_loss(queries, query_labels, centers, center_labels, neighbor_idx, si
     sigma: scalar kernel width > 0 of eq. (2).
     exclude: optional (B,) int own-impostor index per query in [0, M); negative =
       none.
+    center_log_weights: optional (M,) float u_j, weights w_j = exp(u_j).
 
   Returns:
     (B,) float losses, in the promoted float dtype (at least float32).
@@ -151,4 +160,4 @@ def knn_nca_loss(queries, query_labels, centers, center_labels, neighbor_idx, si
     raise ValueError("`neighbor_idx` has shape (B, 0): each query needs >= 1 "
                      "neighbour (k >= 1).")
   _checks.in_range(idx, "neighbor_idx", 0, c.shape[0], "row indices into `centers`")
-  return _knn_nca(q, ql, c, cl, idx, sigma, ex)
+  return _knn_nca(q, ql, c, cl, idx, sigma, ex, nca.log_weights_arg(center_log_weights, c))

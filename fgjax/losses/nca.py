@@ -123,7 +123,8 @@ def scan_chunks(body: Callable, carry: Any, centers: jax.Array, extras: tuple,
     centers: (M, d).
     extras: tuple of arrays with leading axis M, sliced alongside.
     chunk_size: rows per block.
-    out: optional (M, ...) buffer the per-block outputs are written into.
+    out: optional (M, ...) buffer, or tuple of them, the per-block outputs (of the
+      same structure) are written into.
 
   Returns:
     (carry, out) with `out` filled (None when not given).
@@ -135,7 +136,9 @@ def scan_chunks(body: Callable, carry: Any, centers: jax.Array, extras: tuple,
     carry, buf = state
     carry, y = body(carry, start, blk, ex)
     if buf is not None:
-      buf = lax.dynamic_update_slice_in_dim(buf, y.astype(buf.dtype), start, 0)
+      buf = jax.tree.map(
+          lambda b, v: lax.dynamic_update_slice_in_dim(b, v.astype(b.dtype), start, 0),
+          buf, y)
     return carry, buf
 
   def step(state, i):
@@ -184,9 +187,23 @@ def _masked_min(d, mask):
   return jnp.min(jnp.where(mask, d, jnp.inf), axis=1)
 
 
-def _weights(d, d_min, mask, scale):
-  """exp(-scale (d_ij - d_min_i)) on `mask`, else 0; each value is <= 1."""
-  return jnp.where(mask, jnp.exp(-_scaled(d - d_min[:, None], scale)), 0.0)
+def _weights(d, d_min, mask, scale, w=None):
+  """w_j exp(-scale (d_ij - d_min_i)) on `mask`, else 0; each value is <= 1.
+
+  w: None (all 1) or the centers' relative weights in (0, 1], broadcastable to d
+  (`relative_weights`).
+  """
+  e = jnp.exp(-_scaled(d - d_min[:, None], scale))
+  return jnp.where(mask, e if w is None else e * w, 0.0)
+
+
+def relative_weights(log_weights):
+  """exp(u_j - max u): per-center weights w_j = exp(u_j) (NNGK review eq. 4 / 7) up
+  to one factor, which cancels in every ratio of eq. (3) / (4) and keeps each weight
+  <= 1 so the shifted sums cannot overflow. None stays None (unweighted)."""
+  if log_weights is None:
+    return None
+  return jnp.exp(log_weights - lax.stop_gradient(jnp.max(log_weights)))
 
 
 def _inverse_sums(d_pos, s_all, s_pos):
@@ -206,29 +223,30 @@ def _loss(d_all, s_all, d_pos, s_pos, scale):
   return jnp.where((d_pos == jnp.inf) & ~jnp.isnan(d_all), 0.0, loss)
 
 
-def _stream_min_sum(d_min, s, d, mask, scale):
+def _stream_min_sum(d_min, s, d, mask, scale, w=None):
   """Folds one block into a running (min distance, sum of shifted weights)."""
   new_min = jnp.minimum(d_min, _masked_min(d, mask))
   # Nothing seen yet (d_min = +inf, s = 0): skip the rescale, whose
   # inf - inf would be NaN.
   carried = jnp.where(d_min == jnp.inf, 0.0,
                       s * jnp.exp(-_scaled(d_min - new_min, scale)))
-  return new_min, carried + jnp.sum(_weights(d, new_min, mask, scale), axis=1)
+  return new_min, carried + jnp.sum(_weights(d, new_min, mask, scale, w), axis=1)
 
 
-def dense_terms(d, keep, pos, scale):
+def dense_terms(d, keep, pos, scale, w=None):
   """Per-row loss and D = dL/da (B, n) over one dense (B, n) block of distances.
 
   The unchunked core of `nca_loss`, shared with `fgjax.losses.knn_nca` (there the n
   columns are a query's own k neighbours). d: squared distances (+inf never, NaN
   allowed); keep / pos: the kept and the same-class kept entries; scale:
-  `kernel_scale(sigma)`. D_ij = p_ij - p+_ij is 0 off `keep` and on rows without a
-  positive.
+  `kernel_scale(sigma)`; w: None or the centers' relative weights broadcastable to
+  d (`relative_weights`). D_ij = p_ij - p+_ij is 0 off `keep` and on rows without a
+  positive; with weights a_ij = -scale d_ij + log w_j, so D is also dL/dlog w_j.
   """
   d_all, d_pos = _masked_min(d, keep), _masked_min(d, pos)
   # Each exp once: the weights give both sums and D = p - p+.
-  e_all = _weights(d, d_all, keep, scale)
-  e_pos = _weights(d, d_pos, pos, scale)
+  e_all = _weights(d, d_all, keep, scale, w)
+  e_pos = _weights(d, d_pos, pos, scale, w)
   s_all, s_pos = jnp.sum(e_all, axis=1), jnp.sum(e_pos, axis=1)
   inv_all, inv_pos = _inverse_sums(d_pos, s_all, s_pos)
   dd = e_all * inv_all[:, None] - e_pos * inv_pos[:, None]
@@ -245,78 +263,87 @@ def kernel_scale(sigma):
   return jnp.square(0.5**0.5 / sigma)
 
 
-def _nca_forward(q, ql, c, cl, sigma, ex, chunk_size):
+def _nca_forward(q, ql, c, cl, sigma, ex, u, chunk_size):
   scale = kernel_scale(sigma)
   qq = jnp.sum(q * q, axis=-1)
   cc = jnp.sum(c * c, axis=-1)
+  w = relative_weights(u)
   if chunk_size is None:
     d, keep, pos = _block_terms(q, qq, ql, ex, c, cc, cl, 0)
-    loss, dd = dense_terms(d, keep, pos, scale)
+    loss, dd = dense_terms(d, keep, pos, scale, None if w is None else w[None, :])
     # Row sums of D * d: all the sigma-gradient needs (d is not kept).
-    return loss, (q, c, sigma, dd, jnp.sum(dd * d, axis=1))
+    return loss, (q, c, sigma, u, dd, jnp.sum(dd * d, axis=1))
 
   b = q.shape[0]
   inf = jnp.full((b,), jnp.inf, q.dtype)
   zeros = jnp.zeros((b,), q.dtype)
 
   def body(carry, start, c_blk, extras):
-    cc_blk, cl_blk = extras
     d_all, s_all, d_pos, s_pos = carry
-    d, keep, pos = _block_terms(q, qq, ql, ex, c_blk, cc_blk, cl_blk, start)
-    d_all, s_all = _stream_min_sum(d_all, s_all, d, keep, scale)
-    d_pos, s_pos = _stream_min_sum(d_pos, s_pos, d, pos, scale)
+    d, keep, pos = _block_terms(q, qq, ql, ex, c_blk, extras[0], extras[1], start)
+    w_blk = extras[2][None, :] if w is not None else None
+    d_all, s_all = _stream_min_sum(d_all, s_all, d, keep, scale, w_blk)
+    d_pos, s_pos = _stream_min_sum(d_pos, s_pos, d, pos, scale, w_blk)
     return (d_all, s_all, d_pos, s_pos), None
 
+  extras = (cc, cl) if w is None else (cc, cl, w)
   (d_all, s_all, d_pos, s_pos), _ = scan_chunks(
-      body, (inf, zeros, inf, zeros), c, (cc, cl), chunk_size)
+      body, (inf, zeros, inf, zeros), c, extras, chunk_size)
   inv_all, inv_pos = _inverse_sums(d_pos, s_all, s_pos)
-  residuals = (q, ql, c, cl, sigma, ex, d_all, d_pos, inv_all, inv_pos)
+  residuals = (q, ql, c, cl, sigma, ex, u, d_all, d_pos, inv_all, inv_pos)
   return _loss(d_all, s_all, d_pos, s_pos, scale), residuals
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _nca(q, ql, c, cl, sigma, ex, chunk_size):
-  return _nca_forward(q, ql, c, cl, sigma, ex, chunk_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _nca(q, ql, c, cl, sigma, ex, u, chunk_size):
+  return _nca_forward(q, ql, c, cl, sigma, ex, u, chunk_size)[0]
 
 
-def _nca_fwd(q, ql, c, cl, sigma, ex, chunk_size):
-  return _nca_forward(q, ql, c, cl, sigma, ex, chunk_size)
+def _nca_fwd(q, ql, c, cl, sigma, ex, u, chunk_size):
+  return _nca_forward(q, ql, c, cl, sigma, ex, u, chunk_size)
 
 
 def _nca_bwd(chunk_size, res, g):
-  # a_ij = -s d_ij, s = 1 / (2 sigma^2), D_ij = dL_i/da_ij = p_ij - p+_ij:
+  # a_ij = -s d_ij + log w_j, s = 1 / (2 sigma^2), D_ij = dL_i/da_ij = p_ij - p+_ij:
   #   da_ij/dq_i = 2s (c_j - q_i),  da_ij/dc_j = 2s (q_i - c_j),
-  #   da_ij/dsigma = 2s d_ij / sigma.
+  #   da_ij/dsigma = 2s d_ij / sigma,  da_ij/du_j = 1 (u = log w).
   if chunk_size is None:
-    q, c, sigma, dd, dd_dot_d = res
+    q, c, sigma, u, dd, dd_dot_d = res
     scale = kernel_scale(sigma)
     # g scales rows of D: fold it into the (B, d) operands, not the (B, M) one.
     # The -sum_j D_ij q_i term of dq vanishes: rows of D sum to 0.
+    g_dd = g @ dd
     dq = ((2 * scale) * g)[:, None] * (dd @ c)
-    dc = 2 * scale * (dd.T @ (g[:, None] * q) - (g @ dd)[:, None] * c)
+    dc = 2 * scale * (dd.T @ (g[:, None] * q) - g_dd[:, None] * c)
     dsigma = jnp.sum(g * dd_dot_d) * scale * (2.0 / sigma)
-    return dq, None, dc, None, dsigma.astype(sigma.dtype), None
+    du = None if u is None else g_dd.astype(u.dtype)
+    return dq, None, dc, None, dsigma.astype(sigma.dtype), None, du
 
-  q, ql, c, cl, sigma, ex, d_all, d_pos, inv_all, inv_pos = res
+  q, ql, c, cl, sigma, ex, u, d_all, d_pos, inv_all, inv_pos = res
   scale = kernel_scale(sigma)
   qq = jnp.sum(q * q, axis=-1)
   cc = jnp.sum(c * c, axis=-1)
+  w = relative_weights(u)
 
   def body(carry, start, c_blk, extras):
-    cc_blk, cl_blk = extras
     dq_acc, ds_acc = carry
-    d, keep, pos = _block_terms(q, qq, ql, ex, c_blk, cc_blk, cl_blk, start)
-    dg = (_weights(d, d_all, keep, scale) * inv_all[:, None]
-          - _weights(d, d_pos, pos, scale) * inv_pos[:, None]) * g[:, None]
+    d, keep, pos = _block_terms(q, qq, ql, ex, c_blk, extras[0], extras[1], start)
+    w_blk = extras[2][None, :] if w is not None else None
+    dg = (_weights(d, d_all, keep, scale, w_blk) * inv_all[:, None]
+          - _weights(d, d_pos, pos, scale, w_blk) * inv_pos[:, None]) * g[:, None]
     dq_acc = dq_acc + dg @ c_blk  # sum_j D_ij q_i = 0 over all blocks
     ds_acc = ds_acc + jnp.sum(dg * d)
-    dc_blk = 2 * scale * (dg.T @ q - jnp.sum(dg, axis=0)[:, None] * c_blk)
-    return (dq_acc, ds_acc), dc_blk
+    col_sums = jnp.sum(dg, axis=0)
+    dc_blk = 2 * scale * (dg.T @ q - col_sums[:, None] * c_blk)
+    return (dq_acc, ds_acc), (dc_blk if w is None else (dc_blk, col_sums))
 
-  (dq, dsum), dc = scan_chunks(body, (jnp.zeros_like(q), jnp.zeros((), q.dtype)),
-                               c, (cc, cl), chunk_size, out=jnp.zeros_like(c))
+  extras = (cc, cl) if w is None else (cc, cl, w)
+  out = jnp.zeros_like(c) if w is None else (jnp.zeros_like(c), jnp.zeros_like(u))
+  (dq, dsum), grads = scan_chunks(body, (jnp.zeros_like(q), jnp.zeros((), q.dtype)),
+                                  c, extras, chunk_size, out=out)
+  dc, du = (grads, None) if w is None else grads
   dsigma = dsum * scale * (2.0 / sigma)
-  return 2 * scale * dq, None, dc, None, dsigma.astype(sigma.dtype), None
+  return 2 * scale * dq, None, dc, None, dsigma.astype(sigma.dtype), None, du
 
 
 _nca.defvjp(_nca_fwd, _nca_bwd)
@@ -325,7 +352,8 @@ _nca.defvjp(_nca_fwd, _nca_bwd)
 def nca_loss(queries: jax.Array, query_labels: jax.Array, centers: jax.Array,
              center_labels: jax.Array, sigma: Any,
              exclude: Optional[jax.Array] = None,
-             chunk_size: Optional[int] = None) -> jax.Array:
+             chunk_size: Optional[int] = None,
+             center_log_weights: Optional[jax.Array] = None) -> jax.Array:
   """Per-query NCA loss -log p(correct class) of the RBF rule, eq. (4) / (6).
 
   Lebedev et al., Impostor Networks, eq. (4) with the Gaussian kernel of
@@ -349,6 +377,13 @@ def nca_loss(queries: jax.Array, query_labels: jax.Array, centers: jax.Array,
   that splits M evenly over devices, fgjax.impostors.pad_rows): it weighs 0 in both
   sums and gets a zero gradient, whatever its coordinates.
 
+  Per-center weights (NNGK review eq. 4 and 7, the sample-importance alpha_j / w_j
+  of Meyer et al.): with `center_log_weights` u, every kernel value is multiplied
+  by w_j = exp(u_j), i.e. w_ij above becomes exp(u_j) w_ij. Parametrised by the log
+  so any real u gives a positive weight; u = 0 is the unweighted loss. Only
+  differences of u matter (a common factor cancels in the ratio); weights that
+  differ by more than e^87 underflow to 0 in float32.
+
   A query with no same-class center (after exclusion) has an empty numerator;
   its loss is defined as 0 with zero gradient (pytorch-metric-learning drops
   such rows from its mean instead; weigh them out yourself if you average).
@@ -358,8 +393,9 @@ def nca_loss(queries: jax.Array, query_labels: jax.Array, centers: jax.Array,
   over it; gradients then are NaN too. Rows that do not see the bad value
   are unaffected (a bad query only its own row).
 
-  Differentiable in `queries`, `centers` and `sigma` through a custom VJP
-  (reverse mode only: `jax.jvp`/`jacfwd` are not supported). jit/vmap-safe.
+  Differentiable in `queries`, `centers`, `sigma` and `center_log_weights` through
+  a custom VJP (reverse mode only: `jax.jvp`/`jacfwd` are not supported).
+  jit/vmap-safe.
 
   Args:
     queries: (B, d) float embeddings f(x_i), eq. (1).
@@ -373,6 +409,7 @@ def nca_loss(queries: jax.Array, query_labels: jax.Array, centers: jax.Array,
       (online log-sum-exp, forward and backward), so memory is
       O(B * chunk_size) besides the (M, d) inputs and gradient. Same values
       up to float32 summation order.
+    center_log_weights: optional (M,) float u_j, weights w_j = exp(u_j).
 
   Returns:
     (B,) float losses, in the promoted float dtype (at least float32).
@@ -384,7 +421,16 @@ def nca_loss(queries: jax.Array, query_labels: jax.Array, centers: jax.Array,
   q, ql, c, cl, sigma, ex = check_args(queries, query_labels, centers, center_labels,
                                        sigma, exclude)
   chunk = _checks.chunk_size_arg(chunk_size, c.shape[0])
-  return _nca(q, ql, c, cl, sigma, ex, chunk)
+  return _nca(q, ql, c, cl, sigma, ex, log_weights_arg(center_log_weights, c), chunk)
+
+
+def log_weights_arg(log_weights: Optional[Any], centers: jax.Array) -> Optional[jax.Array]:
+  """Checked (M,) per-center log-weights in the centers' dtype, or None."""
+  if log_weights is None:
+    return None
+  u = _checks.float_array(log_weights, "center_log_weights", 1)
+  _checks.same_size(u, "center_log_weights", 0, centers, "centers", 0)
+  return u.astype(centers.dtype)
 
 
 def check_args(queries: Any, query_labels: Any, centers: Any, center_labels: Any,
