@@ -108,8 +108,9 @@ def _build(kind: str, imps: str, d: int, m: int, mesh):
       impostor_state={"scale": jnp.ones(()), **({"neighbors": lists} if kind == "knn"
                                                   else {})},
       train_centers=policy.trainable))
-  update = jax.jit(update_lib.make_update(Network, objective, tx, frozen=frozenset(),
-                                          forward="heads", policy=policy),
+  update = jax.jit(update_lib.make_update(
+      Network, objective, tx, frozen=frozenset(), forward="heads", policy=policy,
+      impostor_learning_rate=optim.impostor_learning_rate(config, 1000)),
                    donate_argnums=(0,),
                    out_shardings=(layout.shardings(state), parallel.replicated(mesh)))
   key = jax.random.key(1)

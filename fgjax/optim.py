@@ -14,6 +14,7 @@ constant rate.
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 TRAIN, FROZEN, IMPOSTORS, WEIGHTS = "train", "frozen", "impostors", "impostor_weights"
@@ -72,20 +73,32 @@ def trainable_labels(trainable: Any, *, train_impostors: bool,
   return labels
 
 
+def learning_rate(config, total_steps: int) -> optax.Schedule:
+  """The network's learning rate per step, per config.optim (schedule, warmup)."""
+  o = config.optim
+  if o.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.learning_rate,
+        warmup_steps=int(o.warmup_steps), decay_steps=max(int(total_steps), 2),
+        end_value=o.learning_rate * o.final_lr_fraction)
+  if o.schedule == "constant":
+    return optax.constant_schedule(o.learning_rate)
+  raise ValueError(f"config.optim.schedule={o.schedule!r} is unknown; use one of "
+                   f"{', '.join(SCHEDULES)}.")
+
+
+def impostor_learning_rate(config, total_steps: int) -> optax.Schedule:
+  """The impostors' rate: the network's times config.optim.impostor_lr_multiplier."""
+  schedule = learning_rate(config, total_steps)
+  multiplier = float(config.optim.impostor_lr_multiplier)
+  return lambda step: schedule(step) * multiplier
+
+
 def make_optimizer(config, labels: Any,
                    total_steps: int) -> optax.GradientTransformation:
   """Adam(lr) with coupled weight decay on the trainable leaves, per `config.optim`."""
   o = config.optim
-  if o.schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.learning_rate,
-        warmup_steps=int(o.warmup_steps), decay_steps=max(int(total_steps), 2),
-        end_value=o.learning_rate * o.final_lr_fraction)
-  elif o.schedule == "constant":
-    schedule = optax.constant_schedule(o.learning_rate)
-  else:
-    raise ValueError(f"config.optim.schedule={o.schedule!r} is unknown; use one of "
-                     f"{', '.join(SCHEDULES)}.")
+  schedule = learning_rate(config, total_steps)
   steps = []
   if o.grad_clip_norm:
     steps.append(optax.clip_by_global_norm(o.grad_clip_norm))
@@ -97,8 +110,7 @@ def make_optimizer(config, labels: Any,
   # own learning-rate multiplier.
   impostor_tx = optax.chain(
       optax.scale_by_adam(),
-      optax.scale_by_learning_rate(
-          lambda step: schedule(step) * o.impostor_lr_multiplier))
+      optax.scale_by_learning_rate(impostor_learning_rate(config, total_steps)))
   transforms = {TRAIN: optax.chain(*steps), FROZEN: optax.set_to_zero(),
                 IMPOSTORS: impostor_tx}
   if WEIGHTS in jax.tree.leaves(labels):
@@ -106,3 +118,35 @@ def make_optimizer(config, labels: Any,
     # with (1e-5 for fixed impostors on birds525): their own constant rate.
     transforms[WEIGHTS] = optax.adam(float(config.impostors.weights_learning_rate))
   return optax.multi_transform(transforms, labels)
+
+
+def lazy_adam_rows(params: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Array,
+                   grads: jax.Array, count: jax.Array, learning_rate: jax.Array,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+  """Adam on the listed rows of a matrix only; every other row and its moments stay.
+
+  The update of `optax.scale_by_adam` + `scale_by_learning_rate` (Kingma & Ba, with
+  bias correction by the global `count`) applied to rows `rows` of `params` (M, d)
+  with their gradients `grads` (R, d): "lazy" Adam, as TensorFlow's LazyAdam and
+  PyTorch's SparseAdam, so a step costs O(R d), not O(M d). A row that every step
+  touches moves exactly as under dense Adam; a row a step does not touch keeps its
+  moments instead of decaying them. Rows out of [0, M) are dropped (padding).
+
+  Args:
+    params, mu, nu: (M, d) parameters and Adam moments.
+    rows: (R,) distinct row indices (or >= M: ignored).
+    grads: (R, d) gradients of those rows.
+    count: the step number t >= 1 of the bias correction.
+    learning_rate: scalar.
+
+  Returns:
+    (params, mu, nu) with the rows updated.
+  """
+  take = lambda x: jnp.take(x, rows, axis=0, mode="clip")  # noqa: E731
+  new_mu = b1 * take(mu) + (1 - b1) * grads
+  new_nu = b2 * take(nu) + (1 - b2) * jnp.square(grads)
+  t = jnp.asarray(count, grads.dtype)
+  step = (new_mu / (1 - b1**t)) / (jnp.sqrt(new_nu / (1 - b2**t)) + eps)
+  put = lambda x, v: x.at[rows].set(v.astype(x.dtype), mode="drop")  # noqa: E731
+  return (put(params, take(params) - learning_rate * step), put(mu, new_mu),
+          put(nu, new_nu))

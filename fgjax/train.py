@@ -225,7 +225,10 @@ class Run:
     return xla_cpu.jit(update_lib.make_update(self.network, self.objective, self.tx,
                                               frozen=self.frozen, forward=self.forward,
                                               seed=int(self.config.seed),
-                                              policy=self.policy),
+                                              policy=self.policy,
+                                              impostor_learning_rate=(
+                                                  optim.impostor_learning_rate(
+                                                      self.config, self.total_steps))),
                        donate_argnums=(0,),
                        out_shardings=(self.layout.shardings(self.abstract_state()),
                                       parallel.replicated(self.mesh)))

@@ -21,7 +21,7 @@ optimiser masks them anyway, and stopping the gradient spares the backward pass 
 them (with 'last:3' of Lite0 that is most of the step).
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,8 @@ def _largest_valid_norm(embedding: jax.Array, valid: jax.Array) -> jax.Array:
 def make_update(network, objective: objectives.Objective,
                 tx: optax.GradientTransformation, *,
                 frozen: frozenset[tuple[str, ...]],
-                forward: str, seed: int = 0, policy=None):
+                forward: str, seed: int = 0, policy=None,
+                impostor_learning_rate: Optional[optax.Schedule] = None):
   """update(state, batch) -> (state, metrics) for the given network and loss.
 
   Args:
@@ -73,7 +74,9 @@ def make_update(network, objective: objectives.Objective,
       masks an image) read `self.make_rng('augment')`; its key is
       fold_in(key(seed), step), so a resumed run draws what it would have drawn.
     policy: the fgjax.impostor_policies.Policy whose `extend_batch` completes each
-      batch from state.impostor_state; None adds nothing.
+      batch from state.impostor_state, and whose `row_view` may hand the loss only
+      the impostor rows the batch touches, which `update_rows` then trains at
+      `impostor_learning_rate(step)`; None: neither.
 
   The batch holds 'label', 'index' (the example's own impostor), 'valid' (False rows
   weigh zero) and 'image' (normalised NHWC) or, for forward='heads', 'backbone'.
@@ -100,26 +103,36 @@ def make_update(network, objective: objectives.Objective,
                      backbone_train=False, rngs=rngs), state.batch_stats
 
   def update(state: train_state_lib.TrainState, batch: dict[str, Any]):
+    view = None
     if policy is not None:
       batch = policy.extend_batch(state.impostor_state, batch)
+      view = policy.row_view(state, batch)
+    loss_batch = batch if view is None else view.batch
 
-    def loss_fn(trainable):
-      outputs, new_stats = outputs_and_stats(trainable["net"], state, batch)
+    def loss_fn(trainable, rows):
+      outputs, new_stats = outputs_and_stats(trainable["net"], state, loss_batch)
       imps = state.with_trainable(trainable).impostors
-      loss, loss_state, metrics = objective(outputs, batch, imps, state.loss_state)
+      if view is not None:
+        imps = view.impostors(imps, rows)
+      loss, loss_state, metrics = objective(outputs, loss_batch, imps, state.loss_state)
       if "embedding" in outputs:
         metrics["embedding_norm"] = _largest_valid_norm(outputs["embedding"],
                                                         batch["valid"])
       return loss, (metrics, new_stats, loss_state)
 
     trainable = state.trainable()
-    grads, (metrics, new_stats, loss_state) = jax.grad(loss_fn, has_aux=True)(trainable)
+    rows = None if view is None else jnp.take(state.impostors.centers, view.rows,
+                                              axis=0, mode="clip")
+    (grads, row_grads), (metrics, new_stats, loss_state) = jax.grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(trainable, rows)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = optax.tree.norm((grads, row_grads))
     new_state = state.with_trainable(trainable).replace(
-        step=state.step + 1, batch_stats=new_stats, opt_state=opt_state,
-        loss_state=loss_state)
-    return new_state, metrics
+        batch_stats=new_stats, opt_state=opt_state, loss_state=loss_state)
+    if view is not None:
+      new_state = policy.update_rows(new_state, view, row_grads,
+                                     impostor_learning_rate(state.step))
+    return new_state.replace(step=state.step + 1), metrics
 
   return update

@@ -9,6 +9,8 @@ import pytest
 
 from configs import common
 from fgjax import impostor_policies
+from fgjax import losses
+from fgjax import optim
 from fgjax import quantize
 from fgjax import train_state
 from fgjax.models import nets
@@ -48,7 +50,8 @@ def test_protocol_steps_2_and_3(name):
   # The rescaled network maps image i onto its impostor: one scale for both.
   after = network.module.apply({**variables, "params": params}, x)["embedding"]
   np.testing.assert_allclose(after, imps.centers, rtol=1e-4, atol=1e-5)
-  assert policy.trainable == (name in ("loose", "knn_loose"))
+  # knn_loose trains its rows itself (lazy Adam), outside the main optimiser.
+  assert policy.trainable == (name == "loose")
   abstract_imps, abstract_state = policy.abstract(300, 8)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract_imps) == jax.tree.map(
       lambda a: (a.shape, a.dtype), imps)
@@ -112,8 +115,8 @@ def test_knn_lists_at_init_refresh_and_batch_rows(name):
   _, abstract_state = policy.abstract(300, 8)
   assert (abstract_state["neighbors"].shape, abstract_state["neighbors"].dtype) == (
       (300, 7), jnp.int32)
-  # The Fixed / Loose half decides what trains.
-  assert policy.trainable == (name == "knn_loose")
+  # The Fixed / Loose half decides the scheme; knn_loose trains its rows itself.
+  assert not policy.trainable
   assert isinstance(policy, impostor_policies.Loose if name == "knn_loose"
                     else impostor_policies.Fixed)
 
@@ -161,3 +164,48 @@ def test_neighbor_lists_drop_the_farthest_where_the_own_index_is_not_found():
                                                       block=2))
   assert [sorted(r) for r in lists[:4]] == [[1, 3], [0, 3], [0, 1], [0, 1]]
   assert lists[4][0] == 3 and lists[4][1] in (0, 1)   # nearest first
+
+
+def test_lazy_adam_rows_is_adam_on_the_rows_it_touches():
+  rng = np.random.default_rng(3)
+  params = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  tx = optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(0.1))
+  dense, opt = params, tx.init(params)
+  lazy, mu, nu = params, jnp.zeros_like(params), jnp.zeros_like(params)
+  rows = jnp.array([4, 1, 0, 6])            # 6 is padding: dropped
+  for step in range(1, 4):
+    g = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    full = jnp.zeros_like(params).at[rows].add(g, mode="drop")
+    updates, opt = tx.update(full, opt, dense)
+    dense = optax.apply_updates(dense, updates)
+    lazy, mu, nu = optim.lazy_adam_rows(lazy, mu, nu, rows, g, step, 0.1)
+  touched = np.array([0, 1, 4])
+  np.testing.assert_allclose(np.asarray(lazy)[touched], np.asarray(dense)[touched],
+                             rtol=1e-6)
+  # Untouched rows: dense Adam leaves them too (zero gradient, zero moments) here.
+  np.testing.assert_array_equal(np.asarray(lazy)[[2, 3, 5]], np.asarray(params)[[2, 3, 5]])
+  assert np.abs(np.asarray(lazy)[touched] - np.asarray(params)[touched]).min() > 0.01
+
+
+def test_knn_loose_row_view_gives_the_loss_of_the_whole_set():
+  policy, network, variables, _, emb, labels = _setup("knn_loose", knn_k=5)
+  params, imps, policy_state = policy.init(network, variables["params"], emb, labels)
+  assert policy_state["centers_mu"].shape == imps.centers.shape
+  state = train_state.create(params={}, batch_stats={}, impostors=imps, loss_state={},
+                             impostor_state=policy_state, tx=optax.identity())
+  index = jnp.array([7, 3, 7, 250], jnp.int32)
+  batch = policy.extend_batch(policy_state, {"index": index, "label": labels[index]})
+  view = policy.row_view(state, batch)
+  rows = np.asarray(view.rows)
+  present = rows[rows < 300]
+  assert sorted(present) == sorted(set(np.asarray(batch["neighbors"]).ravel())
+                                   | set(np.asarray(index)))
+  assert len(present) == len(set(present)) and (rows[len(present):] == 300).all()
+  queries = jnp.asarray(emb[np.asarray(index)]) + 0.01
+  local = view.impostors(imps, jnp.take(imps.centers, view.rows, axis=0, mode="clip"))
+  got = losses.knn_nca_loss(queries, view.batch["label"], local.centers, local.labels,
+                            view.batch["neighbors"], 0.3, exclude=view.batch["index"])
+  want = losses.knn_nca_loss(queries, batch["label"], imps.centers, imps.labels,
+                             batch["neighbors"], 0.3, exclude=index)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert float(np.max(np.asarray(want))) > 0.01

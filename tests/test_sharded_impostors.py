@@ -191,7 +191,11 @@ def test_knn_loose_trains_the_same_on_four_devices_with_split_impostors(tmp_path
   whole = impostors_lib.present(parallel.to_host(state.impostors))
   want = np.asarray(search.build_index(whole.centers, "exact").search(emb, 17)[1])
   want = np.stack([r[r != i][:16] for i, r in enumerate(want)])
-  np.testing.assert_array_equal(np.asarray(lists)[:1078], want)
+  got = np.asarray(lists)[:1078]
+  # Equal up to the order of tied distances (two merges may break a tie either way).
+  dist = lambda idx: ((whole.centers[idx] - emb[:, None]) ** 2).sum(-1)  # noqa: E731
+  np.testing.assert_allclose(dist(got), dist(want), rtol=1e-5, atol=1e-6)
+  assert (got == want).mean() > 0.999
 
 
 def test_a_run_resumes_on_another_device_count(tmp_path):
