@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fgjax import artifact
+from fgjax import checkpoints
 from fgjax import config_checks
 from fgjax import data
 from fgjax import divergence
@@ -236,14 +237,10 @@ class Run:
   def policy_context(self) -> _PolicyContext:
     return _PolicyContext(self.outputs, self.layout, self.total_steps)
 
-
-def _checkpoint_manager(workdir: str, config, total_steps: int) -> ocp.CheckpointManager:
-  every = int(config.train.checkpoint_every_steps)
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      item_handlers=ocp.StandardCheckpointHandler(),  # `restore` reads shapes
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=2, save_interval_steps=every if every else total_steps + 1))
+  def restore(self, manager: ocp.CheckpointManager, step: int
+              ) -> train_state_lib.TrainState:
+    """Checkpoint `step` of `manager` (fgjax.checkpoints.manager) as this run's state."""
+    return checkpoints.restore(manager, step, self.layout, self.abstract_state())
 
 
 def _train(run: Run, state, manager: ocp.CheckpointManager,
@@ -290,46 +287,10 @@ def _restore_or_create(run: Run, manager: ocp.CheckpointManager, workdir: str):
   latest = manager.latest_step()
   if latest is None:
     return run.initial_state()
-  state = restore(run, manager, latest)
+  state = run.restore(manager, latest)
   workdir_lib.truncate_metrics(workdir, latest)
   logging.info("Resumed from %s at step %d.", workdir, latest)
   return state
-
-
-def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
-  """A reader of `workdir`'s checkpoints (for `restore`)."""
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               item_handlers=ocp.StandardCheckpointHandler())
-
-
-def restore(run: Run, manager: ocp.CheckpointManager, step: int
-            ) -> train_state_lib.TrainState:
-  """Checkpoint `step` as `run`'s state, on `run.layout`, whatever device count wrote
-  it (each pads the impostor rows to its own multiple)."""
-  imps = manager.item_metadata(step).tree["params"].get("impostors")
-  rows = int(imps["centers"].shape[0]) if imps else None
-  target = run.layout.abstract(run.abstract_state(), rows=rows)
-  try:
-    state = manager.restore(step, args=ocp.args.StandardRestore(target))
-  except ValueError:
-    # Checkpoints written before frozen impostor centers left the optimiser's tree
-    # hold empty entries for them that the strict restore refuses.
-    state = _restore_by_path(manager, step, target)
-  return run.layout.place(state)
-
-
-def _restore_by_path(manager: ocp.CheckpointManager, step: int, target):
-  """Every array of `target` from checkpoint `step` by its path (extra entries of the
-  checkpoint are ignored; a missing one is an error naming it)."""
-  saved = init_from.flat(manager.restore(step, args=ocp.args.StandardRestore()))
-  wanted = init_from.flat(target)
-  missing = sorted(set(wanted) - set(saved))
-  if missing:
-    raise ValueError(f"checkpoint {step} in {manager.directory} lacks {missing[:5]} "
-                     f"({len(missing)} arrays) of this config's training state; it "
-                     "belongs to another config: use a new --workdir.")
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: np.asarray(saved[init_from.path_key(path)], leaf.dtype), target)
 
 
 def _compressed_impostors(run: Run, state, imps: Optional[impostors_lib.ImpostorSet]
@@ -477,7 +438,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                            config.to_dict())
     workdir_lib.write_json(os.path.join(workdir, "class_names.json"),
                            list(run.splits.class_names))
-  manager = _checkpoint_manager(workdir, config, run.total_steps)
+  manager = checkpoints.manager(workdir, config, run.total_steps)
   state = _restore_or_create(run, manager, workdir)
   writer = metric_writer.MetricWriter(workdir)
   try:

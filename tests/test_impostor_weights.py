@@ -13,6 +13,7 @@ import pytest
 from scipy.special import logsumexp
 
 from fgjax import artifact
+from fgjax import checkpoints
 from fgjax import evaluate
 from fgjax import impostors as impostors_lib
 from fgjax import losses
@@ -171,7 +172,7 @@ def test_a_checkpoint_of_the_earlier_layout_resumes(tmp_path):
          "loss_state": state.loss_state, "impostor_state": state.impostor_state}
   (tmp_path / "old").mkdir()
   shutil.copy(tmp_path / "new" / "config.json", tmp_path / "old" / "config.json")
-  manager = train.checkpoint_manager(str(tmp_path / "old"))
+  manager = checkpoints.manager(str(tmp_path / "old"))
   manager.save(2, args=ocp.args.StandardSave(old))
   manager.close()
   resumed = train.train_and_evaluate(config, str(tmp_path / "old"))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import digits_loose
+from fgjax import checkpoints
 from fgjax import train
 from fgjax import update as update_lib
 from tests.test_losses import _elope_ref, _means_ref
@@ -55,9 +56,9 @@ def restored(workdir, config_or_run, step=None):
   """(step, state) of checkpoint `step` (default: the latest) of `workdir`."""
   run = (config_or_run if isinstance(config_or_run, train.Run)
          else train.Run(config_or_run))
-  mngr = train.checkpoint_manager(str(workdir))
+  mngr = checkpoints.manager(str(workdir))
   step = mngr.latest_step() if step is None else step
-  state = train.restore(run, mngr, step)
+  state = run.restore(mngr, step)
   mngr.close()
   return step, state
 
