@@ -102,11 +102,17 @@ def _build(kind: str, imps: str, d: int, m: int, mesh):
       ts.abstract(params=params, batch_stats={}, impostors=imps, loss_state={},
                   impostor_state={}, tx=tx, train_centers=policy.trainable)).opt_state)(
                       trainable)
+  # The rest of the policy's state (knn_loose: lazy Adam's moments), zeros made split.
+  _, shapes = policy.abstract(m, d)
+  rest = {k: v for k, v in shapes.items() if k not in ("scale", "neighbors")}
+  rest = jax.jit(lambda: {k: jnp.zeros((layout.rows, *v.shape[1:]), v.dtype)
+                          for k, v in rest.items()},
+                 out_shardings={k: split for k in rest})()
   state = layout.place(ts.TrainState(
       step=jnp.zeros((), jnp.int32), params={"net": params, "impostors": imps},
       batch_stats={}, opt_state=opt_state, loss_state={},
-      impostor_state={"scale": jnp.ones(()), **({"neighbors": lists} if kind == "knn"
-                                                  else {})},
+      impostor_state={"scale": jnp.ones(()), **rest,
+                      **({"neighbors": lists} if kind == "knn" else {})},
       train_centers=policy.trainable))
   update = jax.jit(update_lib.make_update(
       Network, objective, tx, frozen=frozenset(), forward="heads", policy=policy,
