@@ -7,9 +7,9 @@ Every training step goes through fgjax's own update path (fgjax.update.make_upda
 the impostor policy's `extend_batch`, the registered 'nca' term, the optax optimiser,
 the state laid out by fgjax.train_state.Layout, impostor rows split over the devices)
 with a synthetic network: a (512 -> d) linear embedding of synthetic 512-d features,
-batch 256, 1,000 classes, random impostors. k-NN steps read random (M, 64) neighbour
-lists (the step's cost does not depend on which rows they name; refreshing them is a
-separate, amortised search, not timed here).
+batch 256, 1,000 classes, synthetic impostors and (M, 64) neighbour lists computed
+from the row indices (the step's cost does not depend on which rows they name;
+refreshing the lists is a separate, amortised search, not timed here).
 
 A group (kind full|knn, impostors fixed|loose, d, devices) runs in its own process
 (XLA_FLAGS sets the host device count) and holds one state per M, timed round-robin
@@ -80,18 +80,22 @@ def _build(kind: str, imps: str, d: int, m: int, mesh):
   objective = objectives.build(("nca",), config.loss)
   layout = ts.Layout(mesh, m, policy.row_fields)
 
-  # Impostors made where they live: one device never holds the whole matrix.
-  @jax.jit
-  def impostors(key):
-    kc, kl, kn = jax.random.split(key, 3)
-    centers = jax.random.normal(kc, (layout.rows, d), jnp.float32) / jnp.sqrt(d)
-    labels = jax.random.randint(kl, (layout.rows,), 0, CLASSES, jnp.int32)
-    labels = jnp.where(jnp.arange(layout.rows) < m, labels, -1)
-    lists = jax.random.randint(kn, (layout.rows, K), 0, m, jnp.int32)
+  # Impostors made where they live, elementwise from their indices: one device never
+  # holds the whole matrix, and no random-bit buffers several times its size inflate
+  # the process's peak memory (at M = 10M they took it to 23 GB). The values only
+  # need to be spread out; the step's cost does not depend on them.
+  def impostors():
+    row = jnp.arange(layout.rows, dtype=jnp.uint32)
+    golden = jnp.uint32(2654435761)   # Knuth's multiplicative hash
+    centers = jnp.sin(row[:, None].astype(jnp.float32) * 0.7548777
+                      + jnp.arange(d, dtype=jnp.float32)[None] * 0.5698403)
+    labels = jnp.where(row < m, ((row * golden >> 7) % CLASSES).astype(jnp.int32),
+                       -1)   # fgjax.impostors.ABSENT: the padding rows
+    lists = ((row[:, None] * golden + jnp.arange(K, dtype=jnp.uint32) * 40503)
+             % m).astype(jnp.int32)
     return centers, labels, lists
   split = parallel.row_sharding(mesh)
-  centers, labels, lists = jax.jit(impostors, out_shardings=(split, split, split))(
-      jax.random.key(m))
+  centers, labels, lists = jax.jit(impostors, out_shardings=(split, split, split))()
   params = Network.module.init(jax.random.key(0), jnp.zeros((1, FEATURES)))["params"]
   imps = ImpostorSet(centers, labels)
   trainable = ts.trainable_tree({"net": params, "impostors": imps}, policy.trainable)
