@@ -41,6 +41,8 @@ _SIZES = flags.DEFINE_list("sizes", ["10000", "100000", "1000000"], "Values of M
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Round-robin rounds over the sizes.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per size per round.")
 _GROUP = flags.DEFINE_string("group", "", "Internal: run one group in this process.")
+_REPORT = flags.DEFINE_list("report", [], "Only print the markdown table of these "
+                            "results.jsonl files.")
 
 BATCH, FEATURES, CLASSES, K = 256, 512, 1000, 64
 
@@ -172,8 +174,36 @@ def _run_group(group: str) -> dict:
                     for m in sizes}}
 
 
+def report(paths) -> str:
+  """Markdown: one row per group, step time per M, the largest M's ratio to the
+  smallest, and the memory per device at the largest M."""
+  rows = [json.loads(line) for path in paths for line in open(path)]
+  sizes = sorted({int(m) for r in rows for m in r["sizes"]})
+  head = " | ".join(f"M={m:,}" for m in sizes)
+  out = [f"| step (kind, impostors, d, devices) | {head} | largest / smallest M | "
+         "per device at the largest M: compiled step (state + temporaries) | "
+         "process peak RSS |",
+         "|---" * (len(sizes) + 4) + "|"]
+  for r in rows:
+    got = {int(m): v for m, v in r["sizes"].items()}
+    cells = " | ".join(f"{got[m]['step_ms_median']:.1f} ms" if m in got else "-"
+                       for m in sizes)
+    low, high = got[min(got)], got[max(got)]
+    ratio = high["step_ms_median"] / low["step_ms_median"] if len(got) > 1 else None
+    out.append(
+        f"| {r['kind']}, {r['impostors']}, {r['d']}, {r['devices']} | {cells} | "
+        + (f"{ratio:.2f}x" if ratio else "-") + " | "
+        f"{high['compiled_per_device_bytes'] / 2**20:,.0f} MiB "
+        f"({high['state_bytes_device0'] / 2**20:,.0f} + "
+        f"{high['temp_bytes'] / 2**20:,.0f}) | {r['peak_rss_bytes'] / 2**30:.1f} GiB |")
+  return "\n".join(out)
+
+
 def main(argv):
   del argv
+  if _REPORT.value:
+    print(report(_REPORT.value))
+    return
   if _GROUP.value:
     print("RESULT " + json.dumps(_run_group(_GROUP.value)), flush=True)
     return
