@@ -209,3 +209,16 @@ def test_knn_loose_row_view_gives_the_loss_of_the_whole_set():
                              batch["neighbors"], 0.3, exclude=index)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert float(np.max(np.asarray(want))) > 0.01
+
+
+def test_lists_from_scann_on_the_host_equal_the_exact_ones_and_skip_absent_rows():
+  rng = np.random.default_rng(4)
+  centers = rng.normal(size=(40, 6)).astype(np.float32)
+  queries = centers + rng.normal(scale=0.05, size=centers.shape).astype(np.float32)
+  imps = impostor_policies.impostors_lib.pad_rows(
+      impostor_policies.impostors_lib.ImpostorSet(jnp.asarray(centers),
+                                                   jnp.zeros(40, jnp.int32)), 44)
+  lists = {b: np.asarray(impostor_policies.neighbor_lists(imps, queries, 5, b))
+           for b in ("exact", "scann")}
+  np.testing.assert_array_equal(lists["scann"], lists["exact"])
+  np.testing.assert_array_equal(lists["exact"], _nearest_others(centers, queries, 5))
