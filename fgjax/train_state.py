@@ -146,7 +146,7 @@ class Layout:
 
   def is_row_leaf(self, path) -> bool:
     """Whether the leaf at `path` (a TrainState key path) has one row per impostor."""
-    names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+    names = _names(path)
     if names[:2] == ["params", "impostors"]:
       return True
     if names[0] == "opt_state":
@@ -194,6 +194,9 @@ class Layout:
     return jax.device_put(self._map(resize, state), self.shardings(state))
 
 
+def _names(path) -> list:
+  return [getattr(k, "name", getattr(k, "key", None)) for k in path]
+
+
 def _is_labels(path) -> bool:
-  return [getattr(k, "name", getattr(k, "key", None)) for k in path][:3] == [
-      "params", "impostors", "labels"]
+  return _names(path)[:3] == ["params", "impostors", "labels"]
