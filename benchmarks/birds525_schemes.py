@@ -19,6 +19,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import sweep_rows  # noqa: E402
 from configs import common  # noqa: E402
 
 _DEPTH = flags.DEFINE_string("depth", "head", "'head', 'last:N' or 'all'.")
@@ -43,10 +44,7 @@ _FEATURE_CACHE = flags.DEFINE_string(
 
 def config_for(scheme: str):
   c = common.birds525(scheme, learning_rate=_LR.value)
-  c.model.trainable = _DEPTH.value
-  c.train.cache_features = _DEPTH.value == "head"
-  if c.train.cache_features and _FEATURE_CACHE.value:
-    c.train.feature_cache_dir = _FEATURE_CACHE.value
+  sweep_rows.set_depth(c, _DEPTH.value, _FEATURE_CACHE.value)
   c.train.num_epochs = _EPOCHS.value
   c.train.batch_size = _BATCH.value
   c.train.log_every_steps = 50

@@ -77,10 +77,7 @@ def _image_size() -> int:
 def config_for(scheme: str, lr: float, sigma: float):
   c = common.folder_schemes(_DATASET.value, scheme, learning_rate=lr, sigma=sigma)
   c.model.backbone = _BACKBONE.value
-  c.model.trainable = _DEPTH.value
-  c.train.cache_features = _DEPTH.value == "head"
-  if c.train.cache_features and _FEATURE_CACHE.value:
-    c.train.feature_cache_dir = _FEATURE_CACHE.value
+  sweep_rows.set_depth(c, _DEPTH.value, _FEATURE_CACHE.value)
   c.train.num_epochs = _EPOCHS.value
   c.train.batch_size = _BATCH.value
   c.train.checkpoint_every_steps = 500

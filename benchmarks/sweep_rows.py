@@ -14,6 +14,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fgjax import stats  # noqa: E402
 
 
+def set_depth(c, depth: str, feature_cache_dir: str) -> None:
+  """Trains `depth` of the backbone; head-only rows share cached backbone features."""
+  c.model.trainable = depth
+  c.train.cache_features = depth == "head"
+  if c.train.cache_features and feature_cache_dir:
+    c.train.feature_cache_dir = feature_cache_dir
+
+
 def classifier(results: dict) -> str:
   """'rbf' for impostor networks, else 'softmax': the run's own classifier."""
   return "rbf" if "rbf" in results["splits"]["test"] else "softmax"

@@ -58,3 +58,13 @@ def test_paired_counts_discordant_images(tmp_path):
   with pytest.raises(ValueError, match="different images"):
     sweep_rows.paired({"workdir": str(tmp_path / "a"), "classifier": "rbf"},
                       {"workdir": str(tmp_path / "b"), "classifier": "softmax"})
+
+
+@pytest.mark.parametrize("depth,cached", [("head", True), ("last:3", False), ("all", False)])
+def test_set_depth_caches_features_only_for_head_rows(depth, cached):
+  from configs import common
+  c = common.folder_schemes("cars196", "ce", learning_rate=1e-3)
+  sweep_rows.set_depth(c, depth, "/cache")
+  assert c.model.trainable == depth
+  assert c.train.cache_features is cached
+  assert c.train.feature_cache_dir == ("/cache" if cached else "")
