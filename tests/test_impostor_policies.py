@@ -9,6 +9,7 @@ import pytest
 
 from configs import common
 from fgjax import impostor_policies
+from fgjax import impostors as impostors_lib
 from fgjax import losses
 from fgjax import optim
 from fgjax import quantize
@@ -159,7 +160,7 @@ def test_neighbor_lists_drop_the_farthest_where_the_own_index_is_not_found():
   # center, so its own index is not among its k + 1 = 3 nearest (0, 1, 3).
   centers = np.array([[0, 0], [0, 0], [9, 9], [1, 0], [3, 0]], np.float32)
   queries = np.array([[0, 0], [0, 0], [0.1, 0], [1, 0], [3, 0]], np.float32)
-  imps = impostor_policies.impostors_lib.ImpostorSet(centers, np.zeros(5, np.int32))
+  imps = impostors_lib.ImpostorSet(centers, np.zeros(5, np.int32))
   lists = np.asarray(impostor_policies.neighbor_lists(imps, queries, 2, "exact",
                                                       block=2))
   assert [sorted(r) for r in lists[:4]] == [[1, 3], [0, 3], [0, 1], [0, 1]]
@@ -215,9 +216,8 @@ def test_lists_from_scann_on_the_host_equal_the_exact_ones_and_skip_absent_rows(
   rng = np.random.default_rng(4)
   centers = rng.normal(size=(40, 6)).astype(np.float32)
   queries = centers + rng.normal(scale=0.05, size=centers.shape).astype(np.float32)
-  imps = impostor_policies.impostors_lib.pad_rows(
-      impostor_policies.impostors_lib.ImpostorSet(jnp.asarray(centers),
-                                                   jnp.zeros(40, jnp.int32)), 44)
+  imps = impostors_lib.pad_rows(
+      impostors_lib.ImpostorSet(jnp.asarray(centers), jnp.zeros(40, jnp.int32)), 44)
   lists = {b: np.asarray(impostor_policies.neighbor_lists(imps, queries, 5, b))
            for b in ("exact", "scann")}
   np.testing.assert_array_equal(lists["scann"], lists["exact"])

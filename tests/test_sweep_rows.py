@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from benchmarks import sweep_rows
+from configs import common
 
 
 def results(top1_val, top1_test, head="softmax", heads=None):
@@ -62,7 +63,6 @@ def test_paired_counts_discordant_images(tmp_path):
 
 @pytest.mark.parametrize("depth,cached", [("head", True), ("last:3", False), ("all", False)])
 def test_set_depth_caches_features_only_for_head_rows(depth, cached):
-  from configs import common
   c = common.folder_schemes("cars196", "ce", learning_rate=1e-3)
   sweep_rows.set_depth(c, depth, "/cache")
   assert c.model.trainable == depth
