@@ -11,14 +11,20 @@ rate is chosen on val top-1 of its own classifier and test is reported once:
   bap_loose        BAP part features -> d_em projection -> loose impostors (eq. 6).
   crop_drop        bap_center with WS-DAN's attention cropping and dropping (three
                    CE terms of 1/3 each; eval: raw and crop logits averaged).
+  gap_aug,         gap and bap_center on crop_drop's inputs (uncached: random crop +
+  bap_center_aug   flip every step): the controls that separate crop-drop's own
+                   effect from the augmentation's.
   c2f              Coarse2Fine (configs/cars196_c2f.py), evaluated in all three
                    inference modes at once (config.eval.extra_logits): rows
                    c2f_coarse, c2f_fine, c2f_average.
 
 gap and the bap rows train on cached backbone outputs (no augmentation, the backbone
-runs once per split); crop_drop and c2f need the backbone on every step's images
-(random crop + flip as the pipeline gives, no cache). Finished runs are read, not
-retrained; the summary is rewritten after every run:
+runs once per split); crop_drop, c2f and the _aug rows run the backbone on every
+step's images (random crop + flip as the pipeline gives, no cache). --schedule=cosine
+decays every row's rate to 0 (the group directory says so): at a constant Adam rate
+the BAP head on augmented inputs memorises the training set within two epochs and
+then falls apart (BENCHMARKS 17). Finished runs are read, not retrained; the summary
+is rewritten after every run:
 
   python benchmarks/attention_table.py --dataset=cars196 --epochs=30 \\
       --rows=gap,bap,bap_center,bap_center_orth,bap_loose --lrs=3e-4,1e-3 \\
@@ -65,6 +71,13 @@ def _crop_drop(c):
     c.loss[term].weight = 1.0 / 3.0
 
 
+def _uncached(edit):
+  def apply(c):
+    edit(c)
+    c.train.cache_features = False
+  return apply
+
+
 # Row name -> (config edit, the extra softmax heads whose modes become rows).
 ROWS = {
     "gap": (lambda c: None, {}),
@@ -73,6 +86,8 @@ ROWS = {
     "bap_center_orth": (lambda c: _bap(c, center=True, orth=True), {}),
     "bap_loose": (_bap_loose, {}),
     "crop_drop": (_crop_drop, {}),
+    "gap_aug": (_uncached(lambda c: None), {}),
+    "bap_center_aug": (_uncached(lambda c: _bap(c, center=True)), {}),
     "c2f": (None, {"c2f_coarse": "coarse_logits", "c2f_fine": "fine_logits",
                    "c2f_average": "softmax"}),
 }
@@ -81,6 +96,8 @@ _DATASET = flags.DEFINE_enum("dataset", "cars196", ["cars196", "birds525"], "Dat
 _ROWS = flags.DEFINE_list("rows", list(ROWS), f"Rows, of {sorted(ROWS)}.")
 _LRS = flags.DEFINE_list("lrs", ["3e-4", "1e-3"], "Learning-rate grid of every row.")
 _EPOCHS = flags.DEFINE_integer("epochs", 30, "Training epochs of every row.")
+_SCHEDULE = flags.DEFINE_enum("schedule", "constant", ["constant", "cosine"],
+                              "Learning-rate schedule of every row (config.optim).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Crop side (resize to 8/7 first).")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/attention", "Parent of the runs.")
 _FEATURE_CACHE = flags.DEFINE_string("feature_cache_dir", "",
@@ -100,6 +117,7 @@ def config_for(row: str, lr: float):
   if c.train.cache_features and _FEATURE_CACHE.value:
     c.train.feature_cache_dir = _FEATURE_CACHE.value
   c.train.num_epochs = _EPOCHS.value
+  c.optim.schedule = _SCHEDULE.value
   c.train.checkpoint_every_steps = 500
   c.input.image_size = _IMAGE_SIZE.value
   c.input.resize_size = _IMAGE_SIZE.value * 8 // 7
@@ -109,8 +127,9 @@ def config_for(row: str, lr: float):
 
 
 def group_dir() -> str:
+  suffix = "" if _SCHEDULE.value == "constant" else f"_{_SCHEDULE.value}"
   return os.path.join(_WORKDIR.value,
-                      f"{_DATASET.value}_{_IMAGE_SIZE.value}px_{_EPOCHS.value}ep")
+                      f"{_DATASET.value}_{_IMAGE_SIZE.value}px_{_EPOCHS.value}ep{suffix}")
 
 
 def rows_of(row: str, lr: float, workdir: str, results: dict) -> list[dict]:
@@ -123,6 +142,7 @@ def rows_of(row: str, lr: float, workdir: str, results: dict) -> list[dict]:
 def markdown(chosen: list[dict], sweep: dict[str, list[dict]]) -> str:
   fmt = sweep_rows.fmt
   lines = [f"{_DATASET.value}, efficientnet_lite0 frozen (head), {_EPOCHS.value} epochs, "
+           f"{_SCHEDULE.value} lr, "
            f"{_IMAGE_SIZE.value} px, {platform.node()} "
            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
            "| row | lr: val top-1 |", "|---|---|"]
