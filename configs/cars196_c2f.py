@@ -19,7 +19,8 @@ masked image every step, so no feature caching. With an accelerator:
 Run:
   python launch.py --config=configs/cars196_c2f.py --workdir=workdirs/cars196_c2f
 
-Result: not yet run.
+Result: not yet run (BENCHMARKS 17 says why: about 4 backbone passes per image and
+step on a 2-core CPU).
 """
 
 from configs import common
