@@ -118,7 +118,9 @@ def config_for(row: str, lr: float):
     c.train.feature_cache_dir = _FEATURE_CACHE.value
   c.train.num_epochs = _EPOCHS.value
   c.optim.schedule = _SCHEDULE.value
-  c.train.checkpoint_every_steps = 500
+  # Uncached rows take seconds per step here (c2f's first checkpoint also keeps its
+  # up-sampler pre-training, which a resume then skips): save them more often.
+  c.train.checkpoint_every_steps = 500 if c.train.cache_features else 100
   c.input.image_size = _IMAGE_SIZE.value
   c.input.resize_size = _IMAGE_SIZE.value * 8 // 7
   c.data.unknown_root = ""
