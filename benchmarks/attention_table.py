@@ -102,6 +102,8 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Crop side (resize to 8/7 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/attention", "Parent of the runs.")
 _FEATURE_CACHE = flags.DEFINE_string("feature_cache_dir", "",
                                      "Backbone outputs shared by the cached rows.")
+_BASELINE = flags.DEFINE_string("baseline", "gap",
+                                "The row every other row is paired with (McNemar).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False,
                                  "Only read finished workdirs and print the table.")
 
@@ -188,13 +190,14 @@ def main(argv):
   summary = {"chosen": chosen, "sweep": sweep}
   text = markdown(chosen, sweep)
   by_name = {r["scheme"]: r for r in chosen}
-  if "gap" in by_name:
-    tests = {name: sweep_rows.paired(r, by_name["gap"]) for name, r in by_name.items()
-             if name != "gap"}
-    summary["paired_vs_gap"] = tests
-    text += "\n\nMcNemar exact vs gap (only row right / only gap right, p): " + "; ".join(
-        f"{k} {t['only_a_right']}/{t['only_b_right']}, p = {t['p_value']:.2g}"
-        for k, t in tests.items())
+  base = _BASELINE.value
+  if base in by_name:
+    tests = {name: sweep_rows.paired(r, by_name[base]) for name, r in by_name.items()
+             if name != base}
+    summary["paired_vs_baseline"] = {"baseline": base, "tests": tests}
+    text += f"\n\nMcNemar exact vs {base} (only row right / only {base} right, p): " + \
+        "; ".join(f"{k} {t['only_a_right']}/{t['only_b_right']}, p = {t['p_value']:.2g}"
+                  for k, t in tests.items())
   print(text)
   sweep_rows.write_summary(group, summary, text)
 
