@@ -66,8 +66,8 @@ class Deconv2x(nn.Module):
   group per output phase), interleaved to twice the size.
 
   Why: XLA:CPU runs the transposed convolution as a convolution over a zero-
-  interleaved input, 3x slower forward and 1.5x slower with gradients than this
-  (the up-sampler of 64 maps 7 -> 224 px, BENCHMARKS 17). With lax's SAME padding
+  interleaved input, 2.4x slower forward and 2.3x slower with gradients than this
+  (the up-sampler of 64 maps 7 -> 224 px, benchmarks/upsampler.py, BENCHMARKS 17). With lax's SAME padding
   (2, 2) on the dilated input, output row 2m + a reads input rows m + a - 1 and m + a
   through kernel rows a and a + 2; columns likewise.
   """
