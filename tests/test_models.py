@@ -242,6 +242,28 @@ def test_pointwise_conv_matches_lax_conv_and_its_gradients(stride, size):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel,size", [((3, 3), (5, 6)), ((4, 2), (6, 5)), ((1, 3), (3, 4))])
+def test_conv_same_matches_lax_conv_and_its_gradients(kernel, size):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, *size, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(*kernel, 3, 4)), jnp.float32)
+  lax_conv = lambda a, b: jax.lax.conv_general_dilated(  # noqa: E731
+      a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  got_y, vjp = jax.vjp(cpu_ops.conv_same, x, w)
+  want_y, want_vjp = jax.vjp(lax_conv, x, w)
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(rng.normal(size=want_y.shape), jnp.float32)
+  for got, want in zip(vjp(g), want_vjp(g)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  # Inside a loop body (where it is meant to be used) it computes the same gradients.
+  vjp_of = lambda a, b: jax.vjp(cpu_ops.conv_same, a, b)[1](g)  # noqa: E731
+  looped = jax.jit(lambda a, b: jax.lax.scan(
+      lambda c, _: (c, vjp_of(a, b)), 0, None, length=2)[1])
+  for got, want in zip(looped(x, w), want_vjp(g)):
+    np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
 def test_train_step_cpu_rewrites_equal_plain_lax(name):
   # Train mode, whole network: every CPU rewrite (shifted depthwise, 1x1 dots, the

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import optax
 
 from fgjax.models import bap
+from fgjax.models import cpu_ops
 from fgjax.models import nets
 
 MODES = ("coarse", "fine", "average")
@@ -67,9 +68,10 @@ class Deconv2x(nn.Module):
 
   Why: XLA:CPU runs the transposed convolution as a convolution over a zero-
   interleaved input, 2.4x slower forward and 2.3x slower with gradients than this
-  (the up-sampler of 64 maps 7 -> 224 px, benchmarks/upsampler.py, BENCHMARKS 17). With lax's SAME padding
-  (2, 2) on the dilated input, output row 2m + a reads input rows m + a - 1 and m + a
-  through kernel rows a and a + 2; columns likewise.
+  (the up-sampler of 64 maps 7 -> 224 px, benchmarks/upsampler.py, BENCHMARKS 17);
+  `cpu_ops.conv_same` keeps its gradients fast inside the pre-training loop. With
+  lax's SAME padding (2, 2) on the dilated input, output row 2m + a reads input rows
+  m + a - 1 and m + a through kernel rows a and a + 2; columns likewise.
   """
   features: int
 
@@ -85,12 +87,23 @@ class Deconv2x(nn.Module):
         for u in (0, 1):
           for v in (0, 1):
             k3 = k3.at[a + u, b + v, :, a, b].set(kernel[a + 2 * u, b + 2 * v])
-    y = jax.lax.conv_general_dilated(
-        jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))),
-        k3.reshape(3, 3, c, 4 * self.features), (1, 1), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = cpu_ops.conv_same(x, k3.reshape(3, 3, c, 4 * self.features))
     y = y.reshape(n, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(n, 2 * h, 2 * w, self.features) + bias
+
+
+class Conv3x3(nn.Module):
+  """`nn.Conv(features, (3, 3), padding='SAME')` (the same parameters and values)
+  through `cpu_ops.conv_same`, whose gradients keep their speed in a lax.scan."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+    return cpu_ops.conv_same(x, kernel) + bias
 
 
 class Upsampler(nn.Module):
@@ -108,7 +121,7 @@ class Upsampler(nn.Module):
     y = maps[..., None]
     for i in range(stages):
       y = nn.relu(Deconv2x(self.width, name=f"deconv{i}")(y))
-    y = nn.Conv(1, (3, 3), padding="SAME", name="out")(y)[..., 0]
+    y = Conv3x3(1, name="out")(y)[..., 0]
     if y.shape[1:] != tuple(size):
       y = jax.image.resize(y, (n, *size), "linear")
     return y
