@@ -1,16 +1,20 @@
 """CPU time of Coarse2Fine's up-sampler: flax's transposed convolution against the
-sub-pixel `Deconv2x` that replaced it (same parameters, same values).
+sub-pixel `Deconv2x` that replaced it (same parameters, same values), and the
+pre-training loop (`pretrain_upsampler`, a lax.scan) with lax's convolution gradients
+against `cpu_ops.conv_same`'s.
 
 Both up-samplers map a batch of 7x7 maps to 224 x 224 (EfficientNet-Lite0 at 224 px:
 five stride-2 stages, width 8), forward and forward + gradient of the pre-training L2
 loss, timed interleaved call by call so the ratio compares like with like:
 
-  python benchmarks/upsampler.py --batch=64 --rounds=5
+  python benchmarks/upsampler.py --batch=64 --rounds=5 --loop_steps=4 --loop_rounds=2
 """
 
+import contextlib
 import os
 import sys
 import time
+from unittest import mock
 
 from absl import app
 from absl import flags
@@ -22,9 +26,46 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fgjax.models import coarse2fine as c2f  # noqa: E402
+from fgjax.models import cpu_ops  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Maps per call (pre-training uses 64).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
+_LOOP_STEPS = flags.DEFINE_integer("loop_steps", 4, "Pre-training steps per loop timing "
+                                   "(0: skip the loop timing).")
+_LOOP_ROUNDS = flags.DEFINE_integer("loop_rounds", 2, "Interleaved loop timing rounds.")
+
+
+def lax_conv_same(x, kernel):
+  """cpu_ops.conv_same's values with lax's own gradients (the up-sampler before)."""
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def time_loop(size):
+  """Seconds per pre-training step inside pretrain_upsampler's lax.scan, both ways."""
+  net = c2f.Upsampler(8)
+  params = net.init(jax.random.key(1), jnp.zeros((1, 7, 7)), size)["params"]
+  pairs = _BATCH.value * _LOOP_STEPS.value
+  fns, losses = {}, {}
+  for name, patch in (("lax gradients", mock.patch.object(cpu_ops, "conv_same", lax_conv_same)),
+                      ("cpu_ops.conv_same", contextlib.nullcontext())):
+    with patch:
+      fns[name] = jax.jit(lambda p, k: c2f.pretrain_upsampler(
+          net, p, k, (7, 7), size, pairs, 1, _BATCH.value)).lower(
+              params, jax.random.key(2)).compile()
+    losses[name] = float(fns[name](params, jax.random.key(2))[1][0])
+  times = {name: [] for name in fns}
+  for _ in range(_LOOP_ROUNDS.value):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn(params, jax.random.key(2)))
+      times[name].append((time.perf_counter() - t) / _LOOP_STEPS.value)
+  print(f"\npre-training in its lax.scan, {_LOOP_STEPS.value} steps of batch "
+        f"{_BATCH.value}, median of {_LOOP_ROUNDS.value} interleaved rounds; epoch losses "
+        + ", ".join(f"{v:.6f}" for v in losses.values()))
+  print("| convolution gradients | s per pre-training step |\n|---|---|")
+  for name, t in times.items():
+    print(f"| {name} | {np.median(t):.3f} |")
 
 
 class TransposedUpsampler(c2f.Upsampler):
@@ -70,6 +111,8 @@ def main(argv):
   print("| up-sampler | forward s | forward + gradient s |\n|---|---|---|")
   for name, (f, g) in times.items():
     print(f"| {name} | {np.median(f):.3f} | {np.median(g):.3f} |")
+  if _LOOP_STEPS.value:
+    time_loop(size)
 
 
 if __name__ == "__main__":
