@@ -61,18 +61,6 @@ def test_deconv2x_is_flax_conv_transpose(c_in, size):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-def test_conv3x3_is_flax_conv():
-  ref = nn.Conv(2, (3, 3), padding="SAME")
-  x = jax.random.normal(jax.random.key(0), (2, 5, 4, 3))
-  params = ref.init(jax.random.key(1), x)["params"]
-  ours = c2f.Conv3x3(2).init(jax.random.key(1), x)["params"]
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(a, b)  # same names, shapes and initial values
-  params = {**params, "bias": jnp.asarray([0.5, -1.0])}
-  np.testing.assert_allclose(c2f.Conv3x3(2).apply({"params": params}, x),
-                             ref.apply({"params": params}, x), atol=1e-5)
-
-
 def test_pretraining_lowers_the_l2_loss():
   net = c2f.Upsampler(4)
   params = net.init(jax.random.key(0), jnp.zeros((1, 4, 4)), (16, 16))["params"]

@@ -399,28 +399,6 @@ def _conv(x, kernel, stride, pads):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _patch_gemm(xt: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
-                start: tuple[int, int], stride: int) -> jax.Array:
-  """(kh*kw*Cin, Cout) = im2col patches of xt^T x dy, one GEMM.
-
-  xt: the padded input channels first, (Cin, N, H', W'); tap (r, c) of output element
-  (u, v) reads xt[:, :, start_0 + r + stride * u, start_1 + c + stride * v].
-  dy: (N, Ho, Wo, Cout), the gradient at those outputs. The patch matrix is built
-  (kh*kw*Cin, N*Ho*Wo), so the GEMM contracts its long minor axis.
-  """
-  cin, n = xt.shape[:2]
-  ho, wo, cout = dy.shape[1:]
-  kh, kw = kernel_hw
-  rows = [jax.lax.slice(xt, (0, 0, start[0] + r, start[1] + c),
-                        (cin, n, start[0] + r + stride * (ho - 1) + 1,
-                         start[1] + c + stride * (wo - 1) + 1),
-                        (1, 1, stride, stride))
-          for r in range(kh) for c in range(kw)]
-  patches = jnp.concatenate(rows, axis=0).reshape(kh * kw * cin, n * ho * wo)
-  return jnp.dot(patches, dy.reshape(n * ho * wo, cout).astype(xt.dtype),
-                 preferred_element_type=jnp.float32)
-
-
 def _same_pads(kernel_hw) -> tuple[tuple[int, int], tuple[int, int]]:
   """lax's 'SAME' padding at stride 1: the extra row of an even kernel goes at the end."""
   return tuple(((k - 1) // 2, k // 2) for k in kernel_hw)
@@ -440,9 +418,8 @@ def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   3x3 convolution, 64 x 112 x 112 x 8 -> 32: 0.048 s alone, 1.0 s per loop iteration;
   the kernel gradient 0.35 s and 7.8 s), while the forward convolution and GEMMs keep
   their speed. The custom VJP takes the input gradient as a forward-form convolution
-  of dy with the flipped kernel and the kernel gradient as one im2col GEMM
-  (`_patch_gemm`): 0.22 s per iteration for both in a loop, 0.35 s alone against
-  XLA's 0.50 s (BENCHMARKS 17, Coarse2Fine's up-sampler pre-training loop).
+  of dy with the flipped kernel and the kernel gradient as one GEMM per tap
+  (BENCHMARKS 17, Coarse2Fine's up-sampler pre-training loop).
   """
   return _conv(x, kernel, 1, _same_pads(kernel.shape[:2]))
 
@@ -453,13 +430,19 @@ def _conv_same_fwd(x, kernel):
 
 def _conv_same_bwd(residuals, g):
   x, kernel = residuals
-  (pt, pb), (pl, pr) = _same_pads(kernel.shape[:2])
+  kh, kw = kernel.shape[:2]
+  (pt, pb), (pl, pr) = _same_pads((kh, kw))
+  g = g.astype(x.dtype)
   # The transpose of a stride-1 correlation is a correlation with the flipped kernel,
   # its channels swapped, and the padding mirrored.
-  dx = _conv(g.astype(x.dtype), jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), 1,
-             ((pb, pt), (pr, pl)))
-  xt = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))).transpose(3, 0, 1, 2)
-  dk = _patch_gemm(xt, g, kernel.shape[:2], (0, 0), 1)
+  dx = _conv(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), 1, ((pb, pt), (pr, pl)))
+  # One (Cin, Cout) GEMM per tap over the shifted input: no im2col copy, whose
+  # (kh*kw*Cin, N*H*W) patches are 0.9 GB for the up-sampler's last layer at batch 64.
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  h, w = x.shape[1:3]
+  dk = jnp.stack([jnp.einsum("nhwc,nhwf->cf", xp[:, i:i + h, j:j + w], g,
+                             preferred_element_type=jnp.float32)
+                  for i in range(kh) for j in range(kw)])
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -500,7 +483,7 @@ def _conv_max_pool_bwd(conv_stride, conv_pads, pool_kernel, pool_stride, pool_pa
   x, kernel, arg = residuals
   s_c, s_p = conv_stride, pool_stride
   stride = s_c * s_p
-  kh, kw = kernel.shape[:2]
+  kh, kw, cin, cout = kernel.shape
   conv_hw = _conv_out_hw(x.shape[1:3], (kh, kw), s_c, conv_pads)
   phases, (hq, wq) = _tap_phases(_pool_grad_terms(arg, g, pool_kernel), s_p,
                                  pool_pads, conv_hw)
@@ -518,7 +501,14 @@ def _conv_max_pool_bwd(conv_stride, conv_pads, pool_kernel, pool_stride, pool_pa
   xt = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))).transpose(3, 0, 1, 2)
   dk = None
   for (a, b), dy in phases.items():
-    term = _patch_gemm(xt, dy, (kh, kw), (s_c * a, s_c * b), stride)
+    rows = [jax.lax.slice(xt, (0, 0, s_c * a + r, s_c * b + c),
+                          (cin, n, s_c * a + r + stride * (hq - 1) + 1,
+                           s_c * b + c + stride * (wq - 1) + 1),
+                          (1, 1, stride, stride))
+            for r in range(kh) for c in range(kw)]
+    patches = jnp.concatenate(rows, axis=0).reshape(kh * kw * cin, n * hq * wq)
+    term = jnp.dot(patches, dy.reshape(n * hq * wq, cout).astype(x.dtype),
+                   preferred_element_type=jnp.float32)
     dk = term if dk is None else dk + term
   dk = dk.reshape(kernel.shape).astype(kernel.dtype)
   dy = _interleave(phases, s_p, pool_pads, conv_hw).astype(x.dtype)
