@@ -5,8 +5,9 @@ backbone pass cost.
 EfficientNet-Lite0 (its ImageNet weights; speed does not depend on them) at 224 px,
 196 classes, served by `fgjax.export.make_cpu_predictor` (BN folded, jitted, XLA:CPU on
 the VM's 2 threads; with --onnx also ONNX Runtime, where the engine serves the network)
-at batch 1 and 32. The networks of one batch size are timed interleaved, call by call,
-so they share the machine's background load and their ratios are meaningful.
+at batch 1 and 32. The networks of one batch size and engine are timed interleaved,
+call by call, so they share the machine's background load and their ratios are
+meaningful.
 
   gap          the plain ConvNet ('logits'): one backbone pass.
   bap          32 attention maps + BAP + softmax head: one backbone pass.
@@ -74,15 +75,19 @@ def main():
   for batch in map(int, args.batches.split(",")):
     x = np.random.default_rng(0).normal(size=(batch, args.size, args.size, 3)).astype(
         np.float32)
-    fns, refused = {}, {}
+    times, refused = {}, {}
     for engine in engines:
+      fns = {}
       for name in NETWORKS:
         fn = predictor(name, batch, engine, args.size)
         if isinstance(fn, str):
           refused[(engine, name)] = fn
         else:
           fns[(engine, name)] = (lambda f: lambda: f(x))(fn)
-    times = inference.timeit_interleaved(fns, args.repeats)
+      # One engine at a time: ONNX Runtime's threads spin on after a call and slowed
+      # the XLA call after them (xla gap at batch 1: 19.7 ms interleaved with ONNX,
+      # against c2f_coarse's 11.0).
+      times.update(inference.timeit_interleaved(fns, args.repeats))
     for engine in engines:
       base = times.get((engine, "gap"))
       for name in NETWORKS:
