@@ -16,10 +16,11 @@ custom VJP that keeps every gradient a dense elementwise pass or a GEMM:
   gradient is taken per polyphase component of the pool, as GEMMs over im2col patches,
   without materialising the convolution's full-resolution gradient.
 * `conv_same`: a stride-1 dense convolution whose gradients keep their speed inside a
-  lax.scan (XLA:CPU's own slow down 20-35x there): Coarse2Fine's up-sampler.
+  lax.scan (XLA:CPU's own slow down about 20x there).
 
-`fgjax.models.layers` decides when to use them (CPU, `conv_impl`); they are plain JAX
-and run, and differentiate, on any backend.
+`fgjax.models.layers` decides when to use the first four (CPU, `conv_impl`);
+Coarse2Fine's up-sampler, which pre-trains in a lax.scan, calls `conv_same` itself.
+They are plain JAX and run, and differentiate, on any backend.
 """
 
 import functools
@@ -414,7 +415,7 @@ def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
     (N, H, W, Cout), equal to lax.conv_general_dilated(x, kernel, (1, 1), 'SAME').
 
   Why: inside a lax.scan / while loop body, XLA:CPU runs the lax convolution's
-  gradients 20-35x slower than the same ops jitted alone (the input gradient of a
+  gradients about 20x slower than the same ops jitted alone (the input gradient of a
   3x3 convolution, 64 x 112 x 112 x 8 -> 32: 0.048 s alone, 1.0 s per loop iteration;
   the kernel gradient 0.35 s and 7.8 s), while the forward convolution and GEMMs keep
   their speed. The custom VJP takes the input gradient as a forward-form convolution
@@ -436,8 +437,8 @@ def _conv_same_bwd(residuals, g):
   # The transpose of a stride-1 correlation is a correlation with the flipped kernel,
   # its channels swapped, and the padding mirrored.
   dx = _conv(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), 1, ((pb, pt), (pr, pl)))
-  # One (Cin, Cout) GEMM per tap over the shifted input: no im2col copy, whose
-  # (kh*kw*Cin, N*H*W) patches are 0.9 GB for the up-sampler's last layer at batch 64.
+  # One (Cin, Cout) GEMM per tap over the shifted input, without an im2col copy (its
+  # patch matrix would be kh*kw times the size of the input).
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   h, w = x.shape[1:3]
   dk = jnp.stack([jnp.einsum("nhwc,nhwf->cf", xp[:, i:i + h, j:j + w], g,
