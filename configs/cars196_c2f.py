@@ -19,8 +19,9 @@ masked image every step, so no feature caching. With an accelerator:
 Run:
   python launch.py --config=configs/cars196_c2f.py --workdir=workdirs/cars196_c2f
 
-Result: not yet run (BENCHMARKS 17 says why: about 4 backbone passes per image and
-step on a 2-core CPU).
+Result: not yet run on cars196 (BENCHMARKS 17: the row is queued behind its controls;
+about 4 backbone passes a step, 0.30-0.37 step/s on the 2-core CPU). On birds525
+(configs/birds525_c2f.py) the average mode was no better than the coarse head.
 """
 
 from configs import common
