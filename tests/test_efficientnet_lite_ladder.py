@@ -17,6 +17,7 @@ from fgjax import models
 from fgjax.data import transforms
 from fgjax.models import efficientnet_lite
 from fgjax.models import pretrained
+from fgjax.models import pth_reader
 
 _VARIANTS = ("lite1", "lite2")
 # sum(p.numel() for p in EfficientNet.from_name(...).parameters()) in the PyTorch port.
@@ -43,7 +44,7 @@ def _traced(variant):
 
 @functools.lru_cache(maxsize=None)
 def _state(variant):
-  return pretrained.load_pth(efficientnet_lite.default_weights_path(variant))
+  return pth_reader.load_pth(efficientnet_lite.default_weights_path(variant))
 
 
 def _leaves(tree):

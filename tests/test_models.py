@@ -10,6 +10,7 @@ import pytest
 
 from fgjax import models
 from fgjax.models import cpu_ops
+from fgjax.models.cpu_ops import separable
 from fgjax.models import layers
 from fgjax.data import transforms
 
@@ -193,9 +194,9 @@ def test_depthwise_custom_vjp_matches_lax_gradients(size, kernel, stride, pads,
   if batch_chunks > 1:
     image_bytes = 4 * 4 * ((size[0] + sum(pads[0])) * (size[1] + sum(pads[1]))
                            + size[0] * size[1])  # an upper bound on (xp, g) per image
-    monkeypatch.setattr(cpu_ops, "_KERNEL_GRAD_CHUNK_BYTES",
-                        image_bytes * batch // batch_chunks)
-    monkeypatch.setattr(cpu_ops, "_KERNEL_GRAD_CHUNK_MAX_IMAGE_BYTES", image_bytes)
+    monkeypatch.setattr(separable, "_KERNEL_GRAD_CHUNK_BYTES",
+                          image_bytes * batch // batch_chunks)
+    monkeypatch.setattr(separable, "_KERNEL_GRAD_CHUNK_MAX_IMAGE_BYTES", image_bytes)
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(batch, *size, 4)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 4)), jnp.float32)

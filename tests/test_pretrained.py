@@ -13,6 +13,7 @@ import pytest
 from fgjax import models
 from fgjax.models import efficientnet_lite
 from fgjax.models import pretrained
+from fgjax.models import pth_reader
 
 _MAGIC = 0x1950A86A20F9469CFC6C
 
@@ -55,7 +56,7 @@ def test_malicious_pickle_rejected_without_running(fmt, tmp_path):
   else:  # The payload in the very first (magic number) pickle.
     path.write_bytes(_legacy_bytes(pickle.dumps({}), first=_Evil(marker)))
   with pytest.raises(pickle.UnpicklingError, match=r"(posix|os|nt)\.system"):
-    pretrained.load_pth(path)
+    pth_reader.load_pth(path)
   assert not marker.exists()
 
 
@@ -63,15 +64,15 @@ def test_not_a_torch_file(tmp_path):
   path = tmp_path / "x.pth"
   path.write_bytes(pickle.dumps(123) + b"junk")
   with pytest.raises(ValueError, match="magic number"):
-    pretrained.load_pth(path)
+    pth_reader.load_pth(path)
   with pytest.raises(FileNotFoundError, match="nope.pth"):
-    pretrained.load_pth(tmp_path / "nope.pth")
+    pth_reader.load_pth(tmp_path / "nope.pth")
 
 
 def test_shipped_lite0_file_is_legacy_and_reads():
   path = efficientnet_lite.default_weights_path()
   assert not zipfile.is_zipfile(path)
-  state = pretrained.load_pth(path)
+  state = pth_reader.load_pth(path)
   assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
   assert state["_blocks.4._depthwise_conv.weight"].shape == (240, 1, 5, 5)
   assert state["_fc.weight"].shape == (1000, 1280)
@@ -122,7 +123,7 @@ def test_handmade_files_views_offsets_strides(fmt, tmp_path):
     with zipfile.ZipFile(path, "w") as zf:
       zf.writestr("any_prefix/data.pkl", obj)
       zf.writestr("any_prefix/data/0", data)
-  state = pretrained.load_pth(path)
+  state = pth_reader.load_pth(path)
   np.testing.assert_array_equal(state["a"], [[0, 1, 2], [3, 4, 5]])
   np.testing.assert_array_equal(state["b"], [[0, 3], [1, 4], [2, 5]])
   np.testing.assert_array_equal(state["c"], [4, 5])
@@ -135,7 +136,7 @@ def test_view_past_storage_is_rejected(tmp_path):
     zf.writestr("a/data.pkl", _handmade_state_pickle({"x": (3, (2, 3), (3, 1))}))
     zf.writestr("a/data/0", np.arange(6, dtype="<f4").tobytes())
   with pytest.raises(pickle.UnpicklingError, match="runs past its storage"):
-    pretrained.load_pth(path)
+    pth_reader.load_pth(path)
 
 
 @pytest.mark.parametrize("zip_format", [True, False])
@@ -154,7 +155,7 @@ def test_torch_round_trip(zip_format, tmp_path):
   path = tmp_path / "rt.pth"
   torch.save(state, path, _use_new_zipfile_serialization=zip_format)
   assert zipfile.is_zipfile(path) == zip_format
-  got = pretrained.load_pth(path)
+  got = pth_reader.load_pth(path)
   assert list(got) == list(state)
   for k, v in state.items():
     assert got[k].dtype == v.numpy().dtype, k

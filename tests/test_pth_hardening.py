@@ -16,6 +16,7 @@ import pytest
 
 from fgjax.models import efficientnet_lite
 from fgjax.models import pretrained
+from fgjax.models import pth_reader
 from tests.test_pretrained import (_VIEWS, _handmade_state_pickle, _legacy_bytes,
                                    _op_global, _op_str, _zip_file)
 
@@ -81,7 +82,7 @@ def test_shared_lists_load_in_linear_time(tmp_path):
   _zip_with_storage(path, obj)
   with _deadline(10):
     start = time.perf_counter()
-    state = pretrained.load_pth(path)
+    state = pth_reader.load_pth(path)
     elapsed = time.perf_counter() - start
   assert elapsed < 2
   node = state["deep"]
@@ -102,7 +103,7 @@ def test_cycles_and_absurd_nesting_are_clear_errors(obj, problem, tmp_path):
   path = tmp_path / "nested.pth"
   _zip_file(path, obj)
   with pytest.raises(ValueError, match=problem) as e:
-    pretrained.load_pth(path)
+    pth_reader.load_pth(path)
   assert str(path) in str(e.value)
 
 
@@ -124,13 +125,13 @@ def test_build_on_stand_ins_is_refused_and_poisons_nothing(target, state, tmp_pa
                     b"b.")
   with pytest.raises(pickle.UnpicklingError,
                      match="refusing to set pickled attributes") as e:
-    pretrained.load_pth(evil)
+    pth_reader.load_pth(evil)
   assert str(evil) in str(e.value)
   # Later loads in this process still see intact stand-ins.
   good = tmp_path / "good.pth"
   _legacy_file(good, _handmade_state_pickle(_VIEWS))
-  np.testing.assert_array_equal(pretrained.load_pth(good)["a"], [[0, 1, 2], [3, 4, 5]])
-  lite0 = pretrained.load_pth(efficientnet_lite.default_weights_path())
+  np.testing.assert_array_equal(pth_reader.load_pth(good)["a"], [[0, 1, 2], [3, 4, 5]])
+  lite0 = pth_reader.load_pth(efficientnet_lite.default_weights_path())
   assert lite0["_conv_stem.weight"].dtype == np.float32
 
 
@@ -141,7 +142,7 @@ def test_huge_legacy_storage_claim_is_checked_before_allocating(numel, tmp_path)
   tracemalloc.start()
   try:
     with pytest.raises(ValueError, match=f"claims {numel} elements.*re-download") as e:
-      pretrained.load_pth(path)
+      pth_reader.load_pth(path)
     peak = tracemalloc.get_traced_memory()[1]
   finally:
     tracemalloc.stop()
@@ -153,7 +154,7 @@ def _assert_every_prefix_is_a_clear_error(path, raw: bytes):
   for n in range(len(raw)):
     path.write_bytes(raw[:n])
     with pytest.raises(ValueError, match=r"truncated|empty") as e:
-      pretrained.load_pth(path)
+      pth_reader.load_pth(path)
     assert str(path) in str(e.value), (n, str(e.value))
 
 
@@ -163,7 +164,7 @@ def test_truncated_file_is_a_clear_error(tmp_path, write):
   path = tmp_path / "full.pth"
   write(path, _handmade_state_pickle(_VIEWS))
   raw = path.read_bytes()
-  assert pretrained.load_pth(path)["c"].tolist() == [4, 5]
+  assert pth_reader.load_pth(path)["c"].tolist() == [4, 5]
   _assert_every_prefix_is_a_clear_error(tmp_path / "cut.pth", raw)
 
 
@@ -171,7 +172,7 @@ def test_empty_file_is_a_clear_error(tmp_path):
   path = tmp_path / "empty.pth"
   path.write_bytes(b"")
   with pytest.raises(ValueError, match=re.escape(f"{path}: the file is empty")):
-    pretrained.load_pth(path)
+    pth_reader.load_pth(path)
 
 
 def _lie_about_entry_size(raw: bytes, name: str, size: int) -> bytes:
@@ -193,7 +194,7 @@ def test_damaged_zip_contents_are_a_clear_error(damage, tmp_path):
   else:
     _zip_with_storage(path, obj[:len(obj) // 2])
   with pytest.raises(ValueError, match="truncated or corrupt") as e:
-    pretrained.load_pth(path)
+    pth_reader.load_pth(path)
   assert str(path) in str(e.value)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fgjax import quantize
+from fgjax.quantize import kmeans
 
 
 def _mse(a, b):
@@ -124,11 +125,11 @@ def test_batched_assignment_path_matches_vmap(monkeypatch):
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(5, 100, 3)), jnp.float32)
   c = jnp.asarray(rng.normal(size=(5, 16, 3)), jnp.float32)
-  idx_v, d_v = quantize._assign(x, c)
+  idx_v, d_v = kmeans.assign(x, c)
   # Force lax.map over batches of 2 subspaces (with a remainder of 1).
-  monkeypatch.setattr(quantize, "_ASSIGN_BUDGET_BYTES", 2 * 4 * 100 * 16)
-  assert quantize._subspace_batch(5, 100, 16) == 2
-  idx_b, d_b = quantize._assign(x, c)
+  monkeypatch.setattr(kmeans, "_ASSIGN_BUDGET_BYTES", 2 * 4 * 100 * 16)
+  assert kmeans.subspace_batch(5, 100, 16) == 2
+  idx_b, d_b = kmeans.assign(x, c)
   np.testing.assert_array_equal(np.asarray(idx_v), np.asarray(idx_b))
   np.testing.assert_allclose(np.asarray(d_v), np.asarray(d_b), atol=1e-5)
   ref = ((np.asarray(x)[:, :, None] - np.asarray(c)[:, None]) ** 2).sum(-1)

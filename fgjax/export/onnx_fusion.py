@@ -1,9 +1,9 @@
 """Graph rewrites of the ONNX export: dead-node pruning and the fusions onnxruntime needs.
 
-The translator (fgjax.export.onnx) writes the jaxpr literally; these passes turn it into
-the node patterns onnxruntime's CPU kernels fuse (Conv with bias + Relu / Clip, Gemm,
-GlobalAveragePool), each an exact rewrite applied only where no other node sees the
-value it changes.
+The translator (fgjax.export.onnx_translate) writes the jaxpr literally; these passes
+turn it into the node patterns onnxruntime's CPU kernels fuse (Conv with bias + Relu /
+Clip, Gemm, GlobalAveragePool), each an exact rewrite applied only where no other node
+sees the value it changes.
 """
 
 from typing import Any, Collection, Optional, Sequence

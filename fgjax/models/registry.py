@@ -26,6 +26,7 @@ import numpy as np
 
 from fgjax.models import efficientnet_lite
 from fgjax.models import pretrained as pretrained_lib
+from fgjax.models import pth_reader
 from fgjax.models import resnet
 from fgjax.models import small_cnn
 from fgjax.models import squeezenet
@@ -201,7 +202,7 @@ def get(name: str, *, pretrained: bool = False,
   if pretrained:
     template = jax.eval_shape(init, jax.random.key(_INIT_SEED))
     path = entry.weights(None if weights_path is None else os.fspath(weights_path))
-    state = pretrained_lib.load_pth(path)
+    state = pth_reader.load_pth(path)
     if not isinstance(state, dict):
       raise ValueError(f"{path}: expected a state_dict, got {type(state).__name__}.")
     loaded = pretrained_lib.state_dict_to_flax(state, entry.key_map(include_top),
