@@ -1,6 +1,7 @@
 """Rows of a hyperparameter sweep: one finished run's numbers, the choice on val, and
 McNemar's paired test of two chosen runs. Shared by the table scripts
-(schemes_table.py, attention_table.py), which own their grids and flags."""
+(schemes_table.py, attention_table.py), which own their grids and flags; each group's
+summary comes with a picture of val top-1 against the learning rate (lr_grid.png)."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fgjax import stats  # noqa: E402
+from fgjax import visualize  # noqa: E402
 
 
 def set_depth(c, depth: str, feature_cache_dir: str) -> None:
@@ -64,6 +66,17 @@ def choose(rows: list[dict]) -> dict:
   return max(enumerate(rows), key=lambda ir: (ir[1]["val_top1"], -ir[0]))[1]
 
 
+def grid_edge(rows: list[dict], chosen: dict) -> Optional[str]:
+  """'lowest' or 'highest' when the chosen rate is its grid's end (a better one may lie
+  beyond it), None inside the grid or for a grid of one rate."""
+  lrs = {r["lr"] for r in rows}
+  if len(lrs) < 2:
+    return None
+  if chosen["lr"] == min(lrs):
+    return "lowest"
+  return "highest" if chosen["lr"] == max(lrs) else None
+
+
 def paired(best: dict, baseline: dict) -> dict:
   """McNemar's exact test of two chosen rows on their test images (predictions.npz,
   key 'test_<classifier>' of each row)."""
@@ -81,8 +94,23 @@ def fmt(x, spec: str = ".3f") -> str:
 
 
 def write_summary(group: str, summary: dict, text: str) -> None:
-  """<group>/summary.json (the chosen rows and the sweep) and <group>/table.md."""
+  """<group>/summary.json and <group>/table.md; for a summary with a "sweep" ({row:
+  rows}) and its "chosen" rows, where some row tried several rates, also
+  <group>/lr_grid.png (`visualize.lr_curves`)."""
   with open(os.path.join(group, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   with open(os.path.join(group, "table.md"), "w") as f:
     f.write(text + "\n")
+  sweep = summary.get("sweep", {})
+  if not any(len({r["lr"] for r in rows}) > 1 for rows in sweep.values()):
+    return
+  chosen = {r["scheme"]: r for r in summary["chosen"]}
+  labels = {}
+  for name, rows in sweep.items():
+    edge = grid_edge(rows, chosen[name])
+    labels[name] = name + (f" (chosen at the grid's {edge} rate)" if edge else "")
+  try:
+    visualize.lr_curves(os.path.join(group, "lr_grid.png"), sweep, labels,
+                        {k: r["lr"] for k, r in chosen.items()}, os.path.basename(group))
+  except ImportError:  # matplotlib is the optional 'plots' extra; the table stands alone
+    pass

@@ -1,5 +1,6 @@
 """Pictures people look at: heat maps over images, with predicted and true boxes,
-attention maps, and reliability diagrams.
+attention maps, reliability diagrams, and a sweep's val accuracy against the learning
+rate.
 
 Needs matplotlib (the optional 'plots' extra, in the test extras); callers that must not
 fail for a picture catch ImportError.
@@ -147,6 +148,48 @@ def reliability_diagram(path: str, reports: dict[str, dict], title: str = "") ->
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="upper left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def lr_curves(path: str, sweep: dict[str, list[dict]], labels: dict[str, str],
+              chosen: dict[str, float], title: str = "") -> str:
+  """Writes a PNG of val top-1 against the learning rate (log axis), one line per row
+  of a sweep, each row's chosen rate ringed: a choice at its grid's edge, or a flat
+  curve, shows at a glance. Where a row tried several settings at one rate (e.g.
+  sigma), the line follows the best of them.
+
+  Args:
+    path: the PNG to write.
+    sweep: {row: [{'lr': float, 'val_top1': float, ...}, ...]}, any order.
+    labels: {row: legend label}.
+    chosen: {row: the rate chosen on val}.
+    title: the figure title.
+  Returns:
+    `path`.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for name, rows in sweep.items():
+    best_at: dict[float, float] = {}
+    for r in rows:
+      best_at[r["lr"]] = max(best_at.get(r["lr"], -1.0), r["val_top1"])
+    pts = sorted(best_at.items())
+    line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4,
+                    label=labels.get(name, name))
+    best = [v for lr, v in pts if lr == chosen.get(name)]
+    if best:
+      ax.plot([chosen[name]], best[:1], "o", ms=11, mfc="none", c=line.get_color())
+  ax.set_xscale("log")
+  ax.set_xlabel("learning rate")
+  ax.set_ylabel("val top-1")
+  ax.set_title(title)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -68,3 +68,33 @@ def test_set_depth_caches_features_only_for_head_rows(depth, cached):
   assert c.model.trainable == depth
   assert c.train.cache_features is cached
   assert c.train.feature_cache_dir == ("/cache" if cached else "")
+
+
+def test_grid_edge_names_the_end_a_choice_sits_on():
+  rows = [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3)]
+  assert sweep_rows.grid_edge(rows, {"lr": 3e-4}) == "lowest"
+  assert sweep_rows.grid_edge(rows, {"lr": 3e-3}) == "highest"
+  assert sweep_rows.grid_edge(rows, {"lr": 1e-3}) is None
+  assert sweep_rows.grid_edge(rows[:1], {"lr": 3e-4}) is None  # one rate: no grid
+  # Several settings at one rate (sigma) still make a grid of one rate.
+  assert sweep_rows.grid_edge([{"lr": 1e-3}, {"lr": 1e-3}], {"lr": 1e-3}) is None
+
+
+def test_write_summary_draws_the_lr_grid_only_for_a_grid(tmp_path):
+  plt = pytest.importorskip("matplotlib.pyplot", reason="optional 'plots' extra")
+  sweep = {"gap": [{"scheme": "gap", "lr": lr, "val_top1": v}
+                   for lr, v in ((1e-3, 0.60), (3e-4, 0.59), (3e-3, 0.56))],
+           "bap": [{"scheme": "bap", "lr": 3e-4, "val_top1": 0.53}]}
+  chosen = [sweep_rows.choose(rows) for rows in sweep.values()]
+  assert [r["lr"] for r in chosen] == [1e-3, 3e-4]
+  sweep_rows.write_summary(str(tmp_path), {"chosen": chosen, "sweep": sweep}, "t")
+  png = plt.imread(tmp_path / "lr_grid.png")
+  assert png.shape[0] > 100 and png.shape[1] > 100
+  assert png[..., :3].std() > 0.05  # lines and text on the white page
+  assert (tmp_path / "table.md").read_text() == "t\n"
+  one = tmp_path / "one"
+  one.mkdir()
+  sweep_rows.write_summary(str(one), {"chosen": chosen[1:], "sweep": {"bap": sweep["bap"]}},
+                           "t")
+  assert not (one / "lr_grid.png").exists()
+  assert (one / "summary.json").exists()
