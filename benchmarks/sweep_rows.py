@@ -108,7 +108,10 @@ def write_summary(group: str, summary: dict, text: str) -> None:
   labels = {}
   for name, rows in sweep.items():
     edge = grid_edge(rows, chosen[name])
-    labels[name] = name + (f" (chosen at the grid's {edge} rate)" if edge else "")
+    if len({r["lr"] for r in rows}) == 1:
+      labels[name] = f"{name} (one rate only)"
+    else:
+      labels[name] = name + (f" (chosen at the grid's {edge} rate)" if edge else "")
   try:
     visualize.lr_curves(os.path.join(group, "lr_grid.png"), sweep, labels,
                         {k: r["lr"] for k, r in chosen.items()}, os.path.basename(group))
