@@ -10,12 +10,9 @@ codebook of 256 centroids. OPQ (Ge et al. 2013, non-parametric version) also
 learns the orthogonal rotation R by alternating PQ training with an orthogonal
 Procrustes update.
 
-Conventions: vectors are rows; the rotated vector is ``x @ rotation``; a code
-decodes to ``concat_j(codebooks[j, code_j]) @ rotation.T``. Because R is
-orthogonal, ||q - decode(code)||^2 = sum_j ||(q R)_j - codebooks[j, code_j]||^2,
-which is what asymmetric distance computation (ADC) evaluates from per-query
-lookup tables of shape (m, 256) without decoding any impostor. Those squared
-distances plug straight into the RBF rule (eqs. 2-3 of the paper).
+The package: `codes` (the quantizer type, encoding, decoding and asymmetric distance
+computation, with the conventions), `kmeans` (per-subspace k-means) and `training`
+(PQ and OPQ).
 
 Example:
   pq = train_opq(centers, num_subspaces=16)        # 16 bytes per impostor
