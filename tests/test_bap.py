@@ -21,7 +21,8 @@ from fgjax import train
 from fgjax.models import bap
 from fgjax.models import nets
 from tests.test_predict import digits_test_files
-from tests.test_train import small_config
+from tests.train_helpers import restored
+from tests.train_helpers import small_config
 
 
 def model_config(**overrides):
@@ -211,8 +212,7 @@ def test_bap_with_crop_drop_trains_end_to_end(tmp_path):
   assert results["attention_picture"] == "attention.png"
   assert (tmp_path / "attention.png").stat().st_size > 0
   # The centers are training state: (num_classes, M, C).
-  _, state = __import__("tests.test_train", fromlist=["final_state"]).final_state(
-      str(tmp_path), config)
+  _, state = restored(str(tmp_path), config)
   assert state.loss_state["attention_center"].shape == (10, 4, 128)
   assert float(np.abs(state.loss_state["attention_center"]).max()) > 0
   # predict --explain: the heat map is the mean attention map, and every map is drawn.

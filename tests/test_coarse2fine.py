@@ -17,7 +17,7 @@ from fgjax import export
 from fgjax import train
 from fgjax.models import coarse2fine as c2f
 from fgjax.models import nets
-from tests.test_train import small_config
+from tests.train_helpers import small_config
 
 
 def model_config(**overrides):

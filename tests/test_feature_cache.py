@@ -9,7 +9,7 @@ import pytest
 from fgjax import feature_cache
 from fgjax import split_outputs
 from fgjax import train
-from tests.test_train import small_config
+from tests.train_helpers import small_config
 
 
 def head_config(cache_dir="", scheme="fixed", steps=6, **overrides):

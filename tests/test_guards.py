@@ -13,10 +13,10 @@ from fgjax import divergence
 from fgjax import predict
 from fgjax import train
 from fgjax import workdir as workdir_lib
-from test_data import _cfg
-from test_data import _make_folder
-from test_train import restored
-from test_train import small_config
+from tests.test_data import _cfg
+from tests.test_data import _make_folder
+from tests.train_helpers import restored
+from tests.train_helpers import small_config
 
 _HEALTHY = {"loss": 2.3, "grad_norm": 4.0, "embedding_norm": 12.0}
 

@@ -20,8 +20,8 @@ from fgjax import losses
 from fgjax import optim
 from fgjax import train
 from tests.test_predict import digits_test_images
-from tests.test_train import restored
-from tests.test_train import small_config
+from tests.train_helpers import restored
+from tests.train_helpers import small_config
 
 B, M, D, C = 7, 40, 5, 3
 

@@ -9,9 +9,9 @@ from fgjax import config_checks
 from fgjax import parallel
 from fgjax import train
 from fgjax import workdir
-from tests.test_train import read_losses
-from tests.test_train import restored
-from tests.test_train import small_config
+from tests.train_helpers import read_losses
+from tests.train_helpers import restored
+from tests.train_helpers import small_config
 
 POLICY = {"fixed": "knn", "loose": "knn_loose"}
 

@@ -8,7 +8,7 @@ import pytest
 from configs import common
 from fgjax.models import localize
 from fgjax.models import nets
-from tests.test_train import restored
+from tests.train_helpers import restored
 
 
 def _map(rows, cols, cells, value=1.0, base=0.0):
@@ -106,7 +106,7 @@ def test_resnet50_localizer_size_matches_the_paper():
 
 
 def _digits(steps, **overrides):
-  from tests.test_train import small_config  # pylint: disable=g-import-not-at-top
+  from tests.train_helpers import small_config  # pylint: disable=g-import-not-at-top
   return small_config("ce", steps=steps, **{
       "model.net": "elope", "model.pooling": "kmax", "model.pooling_k": 2,
       "loss.extra_terms": "elope", "model.localizer_stop": "stem",
@@ -116,7 +116,7 @@ def _digits(steps, **overrides):
 def test_elope_recipe_trains_the_module_and_draws_it(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   from fgjax import train  # pylint: disable=g-import-not-at-top
-  from tests.test_train import final_state, read_rows  # pylint: disable=g-import-not-at-top
+  from tests.train_helpers import read_rows  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_digits(20), str(tmp_path / "classifier"))
   stage2 = _digits(40, **{
       "model.net": "elope_localized", "loss.terms": "heatmap", "loss.extra_terms": "",
@@ -127,8 +127,8 @@ def test_elope_recipe_trains_the_module_and_draws_it(tmp_path):
   losses = [r["heatmap_loss"] for r in read_rows(tmp_path / "module")]
   assert len(losses) == 40 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
   # Only the module trained: the classifier is the stage-1 one, bit for bit.
-  _, src = final_state(tmp_path / "classifier", _digits(20))
-  _, state = final_state(tmp_path / "module", stage2)
+  _, src = restored(tmp_path / "classifier", _digits(20))
+  _, state = restored(tmp_path / "module", stage2)
   for group in ("backbone", "embed", "classifier"):
     jax.tree.map(np.testing.assert_array_equal, state.params["net"][group],
                  src.params["net"][group])

@@ -15,13 +15,13 @@ import sys
 
 import numpy as np
 
-from tests.test_train import read_losses
+from tests.train_helpers import read_losses
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _SCRIPT = """
 import json, sys
 sys.path.insert(0, {repo!r})
-from tests.test_train import small_config
+from tests.train_helpers import small_config
 from fgjax import train
 config = small_config("loose", steps=6, num_devices=0,
                       **{{"train.checkpoint_every_steps": 3}})

@@ -13,7 +13,7 @@ from fgjax import config_checks
 from fgjax import rbf_svm
 from fgjax import train
 from fgjax import workdir as workdir_lib
-from tests.test_train import small_config
+from tests.train_helpers import small_config
 
 
 def blobs(per_class, seed, centers, noise=0.05):

@@ -20,9 +20,9 @@ from fgjax import search
 from fgjax import sharded_search
 from fgjax import train
 from fgjax import train_state
-from tests.test_train import read_losses
-from tests.test_train import restored
-from tests.test_train import small_config
+from tests.train_helpers import read_losses
+from tests.train_helpers import restored
+from tests.train_helpers import small_config
 
 M, D, B, K = 1003, 16, 32, 24   # M leaves a remainder on 4 devices: 1004 rows
 

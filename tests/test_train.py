@@ -1,74 +1,19 @@
 """End-to-end tests of train_and_evaluate on the offline digits data (small CNN)."""
 
-import json
-import os
-import pathlib
-import signal
-import subprocess
-import sys
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits_loose
-from fgjax import checkpoints
 from fgjax import train
 from fgjax import update as update_lib
 from tests.test_losses import _elope_ref, _means_ref
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def small_config(scheme="loose", steps=12, **overrides):
-  c = digits_loose.get_config()
-  c.scheme = scheme
-  c.train.num_steps = steps
-  c.train.log_every_steps = 1
-  c.train.checkpoint_every_steps = 4
-  c.num_devices = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def read_rows(workdir):
-  text = (pathlib.Path(workdir) / "metrics.jsonl").read_text()
-  return [json.loads(line) for line in text.splitlines()]
-
-
-def read_json(path):
-  return json.loads(pathlib.Path(path).read_text())
-
-
-def read_losses(workdir):
-  rows = read_rows(workdir)
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def restored(workdir, config_or_run, step=None):
-  """(step, state) of checkpoint `step` (default: the latest) of `workdir`."""
-  run = (config_or_run if isinstance(config_or_run, train.Run)
-         else train.Run(config_or_run))
-  mngr = checkpoints.manager(str(workdir))
-  step = mngr.latest_step() if step is None else step
-  state = run.restore(mngr, step)
-  mngr.close()
-  return step, state
-
-
-def final_state(workdir, config):
-  return restored(workdir, config)
-
-
-def without_times(results):
-  return {k: v for k, v in results.items() if k not in ("wall_seconds", "train_seconds")}
+from tests.train_helpers import aux_config
+from tests.train_helpers import read_json
+from tests.train_helpers import read_losses
+from tests.train_helpers import read_rows
+from tests.train_helpers import restored
+from tests.train_helpers import small_config
 
 
 def test_digits_loose_learns_and_writes_results(tmp_path):
@@ -114,7 +59,7 @@ def test_fixed_impostors_stay_fixed_and_loose_move(tmp_path):
     # Protocol step 3: impostors are divided by their mean L2 norm.
     np.testing.assert_allclose(np.linalg.norm(c0, axis=1).mean(), 1.0, rtol=1e-4)
     train.train_and_evaluate(config, str(tmp_path / scheme))
-    _, state = final_state(tmp_path / scheme, config)
+    _, state = restored(tmp_path / scheme, config)
     states[scheme] = (c0, np.asarray(state.impostors.centers))
   np.testing.assert_array_equal(*states["fixed"])
   assert np.abs(states["loose"][0] - states["loose"][1]).max() > 1e-4
@@ -148,7 +93,7 @@ def test_four_devices_match_one_device(tmp_path, aux):
     train.train_and_evaluate(config, str(tmp_path / f"d{n}"))
     losses[n] = read_losses(tmp_path / f"d{n}")
     if aux:
-      means[n] = np.asarray(final_state(tmp_path / f"d{n}", config)[1].loss_state[aux])
+      means[n] = np.asarray(restored(tmp_path / f"d{n}", config)[1].loss_state[aux])
   for step in range(1, 5):
     np.testing.assert_allclose(losses[4][step], losses[1][step], rtol=2e-4)
   if aux:  # The class means are state too: the same on 1 and 4 devices.
@@ -161,54 +106,10 @@ def test_head_only_with_cached_features(tmp_path):
                                              "train.cache_features": True})
   before = train.Run(config).initial_state().params["net"]["backbone"]
   train.train_and_evaluate(config, str(tmp_path))
-  _, state = final_state(tmp_path, config)
+  _, state = restored(tmp_path, config)
   after = state.params["net"]["backbone"]
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
-  steps = 24
-  full = tmp_path / "full"
-  train.train_and_evaluate(small_config("loose", steps=steps), str(full))
-  _, reference = final_state(full, small_config("loose", steps=steps))
-
-  killed = tmp_path / "killed"
-  script = (
-      "import sys; sys.path.insert(0, %r)\n"
-      "from tests.test_train import small_config\n"
-      "from fgjax import train\n"
-      "train.train_and_evaluate(small_config('loose', steps=%d, **{'train.checkpoint_every_steps': 2}), %r)\n"
-  ) % (str(REPO), steps * 50, str(killed))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = killed / "checkpoints"
-  deadline = time.time() + 240
-  while time.time() < deadline:
-    done = [int(p.name) for p in ckpt.glob("*") if p.name.isdigit()] if ckpt.exists() else []
-    if done and max(done) >= 6:
-      break
-    if proc.poll() is not None:
-      pytest.fail("training subprocess exited before it could be killed")
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  # Resume with the same total as the reference run (checkpoint_every_steps and the
-  # number of steps are fields a resume may change).
-  results = train.train_and_evaluate(small_config("loose", steps=steps), str(killed))
-  assert results["steps"] == steps
-  step, resumed = final_state(killed, small_config("loose", steps=steps))
-  assert step == steps
-  for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(resumed.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-  # Every step logged once, and the same results as the uninterrupted run.
-  rows = read_rows(killed)
-  assert [r["step"] for r in rows] == list(range(1, steps + 1))
-  want = read_json(full / "results.json")
-  got = read_json(killed / "results.json")
-  assert got["impostor_scale"] == want["impostor_scale"] is not None
-  assert without_times(got)["splits"] == without_times(want)["splits"]
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -263,10 +164,6 @@ def test_moved_config_field_is_named(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def aux_config(scheme="ce_extra", name="elope", steps=6, **overrides):
-  return small_config(scheme, steps=steps, **{"loss.extra_terms": name, **overrides})
-
-
 @pytest.mark.parametrize("scheme,name,overrides", [
     ("ce_extra", "elope", {}),
     ("loose", "center", {}),
@@ -279,7 +176,7 @@ def test_aux_loss_trains_and_checkpoints_class_means(tmp_path, scheme, name, ove
   aux = [r[f"{name}_loss"] for r in rows if f"{name}_loss" in r]
   assert len(aux) == 6 and np.all(np.isfinite(aux)) and max(aux) > 0
   assert all(np.isfinite(v) for v in read_losses(tmp_path).values())
-  step, state = final_state(tmp_path, config)
+  step, state = restored(tmp_path, config)
   means = np.asarray(state.loss_state[name])
   assert step == 6 and means.shape == (10, 64)  # (C, E): 10 digits, d_em = 64
   assert np.abs(means).max() > 1e-3  # moved away from their zero init
@@ -339,62 +236,6 @@ def test_aux_update_matches_numpy_and_ignores_padding(tmp_path, name):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-  run = train.Run(aux_config())
-  real, abstract = run.initial_state(), run.abstract_state()
-  assert jax.tree.structure(real) == jax.tree.structure(abstract)
-  assert [(x.shape, x.dtype) for x in jax.tree.leaves(real)] == [
-      (x.shape, x.dtype) for x in jax.tree.leaves(abstract)]
-  full = train.train_and_evaluate(aux_config(steps=6), str(tmp_path / "full"))
-  train.train_and_evaluate(aux_config(steps=4), str(tmp_path / "part"))
-  results = train.train_and_evaluate(aux_config(steps=6), str(tmp_path / "part"))
-  assert results["steps"] == 6
-  # Resumed at step 4, not restarted: steps 1-4 are logged once.
-  rows = read_rows(tmp_path / "part")
-  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
-  _, reference = final_state(tmp_path / "full", aux_config(steps=6))
-  _, resumed = final_state(tmp_path / "part", aux_config(steps=6))
-  for key in ("loss_state", "params"):
-    for a, b in zip(jax.tree.leaves(getattr(reference, key)),
-                    jax.tree.leaves(getattr(resumed, key))):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-  assert without_times(results) == without_times(full)
-
-
-def test_resume_refuses_another_config_before_writing(tmp_path):
-  config = small_config("loose", steps=4)
-  train.train_and_evaluate(config, str(tmp_path))
-  before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-  changed = small_config("tied", steps=4, **{"train.batch_size": 32,
-                                             "model.pooling": "max",
-                                             "loss.extra_terms": "elope"})
-  with pytest.raises(ValueError) as e:
-    train.train_and_evaluate(changed, str(tmp_path))
-  msg = str(e.value)
-  for field in ("config.scheme: 'loose' -> 'tied'", "config.train.batch_size: 64 -> 32",
-                "config.model.pooling: 'avg' -> 'max'", "config.loss.extra_terms",
-                "--workdir"):
-    assert field in msg, (field, msg)
-  assert "config.train.num_steps" not in msg  # unchanged: not listed
-  after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-  assert after == before  # config.json, results.json, metrics.jsonl untouched
-
-
-def test_resume_allows_a_longer_run_and_logs_it(tmp_path):
-  train.train_and_evaluate(small_config("loose", steps=4), str(tmp_path))
-  results = train.train_and_evaluate(
-      small_config("loose", steps=6, **{"train.log_every_steps": 2}), str(tmp_path))
-  assert results["steps"] == 6
-  assert read_json(tmp_path / "config.json")["train"]["num_steps"] == 6
-  rows = [r["step"] for r in read_rows(tmp_path)]
-  assert rows == [1, 2, 3, 4, 6]
-  # With a cosine schedule the length decides the learning rate: not harmless.
-  cos = {"optim.schedule": "cosine"}
-  train.train_and_evaluate(small_config("loose", steps=4, **cos), str(tmp_path / "c"))
-  with pytest.raises(ValueError, match=r"config\.train\.num_steps: 4 -> 6"):
-    train.train_and_evaluate(small_config("loose", steps=6, **cos), str(tmp_path / "c"))
-
-
 def test_donated_state_leaves_backbone_variables_alive(tmp_path):
   run = train.Run(small_config("fixed", steps=1))
   state = run.initial_state()
@@ -421,7 +262,7 @@ def test_fixed_trains_against_pq_compressed_impostors(tmp_path):
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results["pq_applied"] == "before training"
   assert results["memory"]["pq"]["codes"] == 1078 * 8
-  _, state = final_state(tmp_path, config)
+  _, state = restored(tmp_path, config)
   pq = quantize.ProductQuantizer(**{k: np.asarray(v)
                                     for k, v in state.impostor_state["pq"].items()})
   centers = np.asarray(state.impostors.centers)
@@ -503,57 +344,11 @@ def test_cub_config_trains_under_tfds_mock_data(tmp_path):
   assert all(np.isfinite(v) for v in read_losses(tmp_path).values())
 
 
-def test_init_from_restores_what_it_names(tmp_path):
-  # Stage 1: k-max pooling, loose impostors and ELoPE class means.
-  stage1 = small_config("loose", steps=6, **{"model.pooling": "kmax", "model.pooling_k": 2,
-                                             "loss.extra_terms": "elope"})
-  train.train_and_evaluate(stage1, str(tmp_path / "s1"))
-  _, src = final_state(tmp_path / "s1", stage1)
-  # Stage 2: weighted k-max fine-tuning from it, with its impostors and class means.
-  stage2 = small_config("loose", steps=2, **{
-      "model.pooling": "weighted_kmax", "model.pooling_k": 2, "loss.extra_terms": "elope",
-      "init_from": str(tmp_path / "s1"),
-      "init_from_parts": "net,impostors,loss_state"})
-  state = train.Run(stage2).initial_state()
-  assert int(state.step) == 0
-  np.testing.assert_array_equal(state.params["net"]["pool"]["weights"], [1.0, 1.0])
-  for part in ("backbone", "embed"):
-    jax.tree.map(np.testing.assert_array_equal, state.params["net"][part],
-                 src.params["net"][part])
-  jax.tree.map(np.testing.assert_array_equal, state.batch_stats, src.batch_stats)
-  jax.tree.map(np.testing.assert_array_equal, state.impostors, src.impostors)
-  np.testing.assert_array_equal(state.loss_state["elope"], src.loss_state["elope"])
-  np.testing.assert_array_equal(state.impostor_state["scale"], src.impostor_state["scale"])
-  # Only the network: impostors are recomputed from the loaded network, means start at 0.
-  only_net = small_config("loose", steps=2, **{
-      "model.pooling": "weighted_kmax", "model.pooling_k": 2, "loss.extra_terms": "elope",
-      "init_from": str(tmp_path / "s1")})
-  run = train.Run(only_net)
-  state = run.initial_state()
-  assert float(np.abs(np.asarray(state.loss_state["elope"])).max()) == 0.0
-  emb, _ = run.outputs.train_embeddings(
-      {"params": src.params["net"] | {"pool": {"weights": np.ones(2, np.float32)}},
-       "batch_stats": src.batch_stats})
-  scale = np.linalg.norm(emb, axis=1).mean()
-  np.testing.assert_allclose(state.impostors.centers, emb / scale, rtol=1e-4, atol=1e-5)
-  # A shape that differs is an error naming the parameter.
-  wider = small_config("loose", steps=2, **{"model.pooling": "kmax", "model.pooling_k": 2,
-                                            "model.embed_dim": 32,
-                                            "init_from": str(tmp_path / "s1")})
-  with pytest.raises(ValueError, match=r"params/embed/(bias|kernel) has shape"):
-    train.Run(wider).initial_state()
-  with pytest.raises(ValueError, match=r"config\.init_from_parts"):
-    train.Run(small_config(**{"init_from": str(tmp_path / "s1"),
-                              "init_from_parts": "impostors"}))
-  with pytest.raises(ValueError, match=r"config\.init_from='/nonexistent'"):
-    train.Run(small_config(**{"init_from": "/nonexistent"}))
-
-
 def test_frozen_groups_do_not_train(tmp_path):
   config = small_config("ce_extra", steps=3, **{"model.frozen": "embed"})
   before = train.Run(config).initial_state().params["net"]
   train.train_and_evaluate(config, str(tmp_path))
-  _, state = final_state(tmp_path, config)
+  _, state = restored(tmp_path, config)
   after = state.params["net"]
   jax.tree.map(np.testing.assert_array_equal, after["embed"], before["embed"])
   assert np.abs(np.asarray(after["classifier"]["kernel"]) -

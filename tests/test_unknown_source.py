@@ -11,7 +11,7 @@ from PIL import Image
 from fgjax import data
 from fgjax.data import unknown
 from tests.conftest import require_cars196
-from tests.test_train import small_config
+from tests.train_helpers import small_config
 
 
 def _noise_folder(root, n=12):
