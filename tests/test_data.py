@@ -3,7 +3,6 @@
 import pathlib
 import warnings
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -14,29 +13,9 @@ from fgjax.data import folder
 from fgjax.data import pipeline
 from fgjax.data import splits as splits_lib
 from fgjax.data import transforms
-
-
-def _cfg(**kw) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict({
-      "source": "image_folder", "root": "", "split": "canonical", "seed": 0,
-      "tfds_name": "", "tfds_data_dir": "", "bbox_crop": False,
-      "holdout_classes": (), "classes_subset": ()})
-  c.update(kw)
-  return c
-
-
-def _rgb(seed: int, h: int = 12, w: int = 10) -> np.ndarray:
-  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _make_folder(root: pathlib.Path, num_classes: int = 3, per_class: int = 5,
-                 size: int = 12) -> pathlib.Path:
-  for c in range(num_classes):
-    d = root / f"class_{c:02d}"
-    d.mkdir(parents=True)
-    for n in range(1, per_class + 1):
-      Image.fromarray(_rgb(100 * c + n, size, size)).save(d / f"{n}.png")
-  return root
+from tests.data_helpers import data_config
+from tests.data_helpers import make_folder
+from tests.data_helpers import rgb
 
 
 # ---- transforms ----------------------------------------------------------------------
@@ -45,7 +24,7 @@ def test_decode_modes_to_rgb(tmp_path):
   Image.fromarray(gray, "L").save(tmp_path / "l.png")
   np.testing.assert_array_equal(transforms.decode_image(tmp_path / "l.png"),
                                 np.repeat(gray[..., None], 3, -1))
-  rgba = np.concatenate([_rgb(1, 6, 8), np.full((6, 8, 1), 7, np.uint8)], -1)
+  rgba = np.concatenate([rgb(1, 6, 8), np.full((6, 8, 1), 7, np.uint8)], -1)
   Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
   over_white = rgba[..., :3] * (7 / 255) + 255 * (1 - 7 / 255)  # Alpha over white.
   np.testing.assert_allclose(transforms.decode_image(tmp_path / "a.png"), over_white,
@@ -67,7 +46,7 @@ def test_decode_modes_to_rgb(tmp_path):
 
 
 def test_decode_rejects_truncated_and_garbage(tmp_path):
-  Image.fromarray(_rgb(0, 64, 64)).save(tmp_path / "ok.jpg", quality=90)
+  Image.fromarray(rgb(0, 64, 64)).save(tmp_path / "ok.jpg", quality=90)
   raw = (tmp_path / "ok.jpg").read_bytes()
   assert transforms.decode_image(raw).shape == (64, 64, 3)
   with pytest.raises(OSError):
@@ -77,7 +56,7 @@ def test_decode_rejects_truncated_and_garbage(tmp_path):
 
 
 def test_resize_crop_normalize_against_numpy():
-  img = _rgb(3, 9, 7)
+  img = rgb(3, 9, 7)
   assert transforms.resize(img, 5).shape == (5, 5, 3)
   big = np.repeat(np.repeat(img, 2, 0), 2, 1)  # 18 x 14
   np.testing.assert_array_equal(transforms.center_crop(big, 4), big[7:11, 5:9])
@@ -109,7 +88,7 @@ def test_train_transform_is_a_window_or_its_mirror():
 
 
 def test_crop_box_known_answer():
-  img = _rgb(0, 10, 20)
+  img = rgb(0, 10, 20)
   np.testing.assert_array_equal(transforms.crop_box(img, (0.2, 0.25, 0.6, 0.5)),
                                 img[2:6, 5:10])
   assert transforms.crop_box(img, (1.0, 1.0, 1.0, 1.0)).shape == (1, 1, 3)
@@ -127,21 +106,21 @@ def test_image_folder_bad_files_and_modes(tmp_path):
   (root / ".hidden_class").mkdir()
   (root / "b_rgba" / ".nested_hidden").mkdir()
   for n in range(1, 6):
-    Image.fromarray(_rgb(n)[..., 0], "L").save(root / "a_gray" / f"{n}.png")
-    Image.fromarray(np.concatenate([_rgb(n), _rgb(n)[..., :1]], -1), "RGBA").save(
+    Image.fromarray(rgb(n)[..., 0], "L").save(root / "a_gray" / f"{n}.png")
+    Image.fromarray(np.concatenate([rgb(n), rgb(n)[..., :1]], -1), "RGBA").save(
         root / "b_rgba" / f"{n}.png")
-    Image.fromarray(np.concatenate([_rgb(n), _rgb(n)[..., :1]], -1), "CMYK").save(
+    Image.fromarray(np.concatenate([rgb(n), rgb(n)[..., :1]], -1), "CMYK").save(
         root / "c_cmyk" / f"{n}.jpg")
-    Image.fromarray(_rgb(n)).save(root / ".hidden_class" / f"{n}.png")
-    Image.fromarray(_rgb(n)).save(root / "b_rgba" / ".nested_hidden" / f"{n}.png")
-  Image.fromarray(_rgb(0, 64, 64)).save(root / "a_gray" / "4.jpg", quality=90)
+    Image.fromarray(rgb(n)).save(root / ".hidden_class" / f"{n}.png")
+    Image.fromarray(rgb(n)).save(root / "b_rgba" / ".nested_hidden" / f"{n}.png")
+  Image.fromarray(rgb(0, 64, 64)).save(root / "a_gray" / "4.jpg", quality=90)
   (root / "a_gray" / "4.png").unlink()
   raw = (root / "a_gray" / "4.jpg").read_bytes()
   (root / "a_gray" / "4.jpg").write_bytes(raw[:len(raw) // 2])      # Truncated.
   (root / "c_cmyk" / "5.jpg").write_bytes(b"garbage, not a JPEG")   # Garbage bytes.
   (root / "c_cmyk" / "notes.txt").write_text("ignored")             # Not an image.
   with pytest.warns(RuntimeWarning, match="dropped 2 of 15 files"):
-    splits = data.get_splits(_cfg(root=str(root)))
+    splits = data.get_splits(data_config(root=str(root)))
   assert splits.class_names == ["a_gray", "b_rgba", "c_cmyk"]
   assert splits.num_classes == 3
   bad = sorted(b.split(": ")[0] for b in splits.train.bad_files)
@@ -152,12 +131,12 @@ def test_image_folder_bad_files_and_modes(tmp_path):
     assert rec["image"].dtype == np.uint8 and rec["image"].shape == (12, 10, 3)
     assert rec["index"] == i
   np.testing.assert_array_equal(splits.train.labels, [0, 0, 0, 1, 1, 1, 2, 2, 2])
-  np.testing.assert_array_equal(splits.train[0]["image"][..., 1], _rgb(1)[..., 0])
+  np.testing.assert_array_equal(splits.train[0]["image"][..., 1], rgb(1)[..., 0])
 
 
 def test_runtime_decode_failure_is_substituted(tmp_path):
-  root = _make_folder(tmp_path / "d", num_classes=2)
-  splits = data.get_splits(_cfg(root=str(root)))
+  root = make_folder(tmp_path / "d", num_classes=2)
+  splits = data.get_splits(data_config(root=str(root)))
   path = pathlib.Path(splits.train.paths[1])
   path.write_bytes(b"corrupted after the source was built")
   with pytest.warns(RuntimeWarning, match="cannot decode"):
@@ -173,8 +152,8 @@ def test_runtime_decode_failure_is_substituted(tmp_path):
 
 
 def test_image_folder_counts_split_and_holdout(tmp_path):
-  root = _make_folder(tmp_path / "d", num_classes=4, per_class=6)
-  splits = data.get_splits(_cfg(root=str(root), split="train:3,val:1,test:2", seed=5,
+  root = make_folder(tmp_path / "d", num_classes=4, per_class=6)
+  splits = data.get_splits(data_config(root=str(root), split="train:3,val:1,test:2", seed=5,
                                 holdout_classes=(1,)))
   assert splits.class_names == ["class_00", "class_02", "class_03"]
   assert splits.unknown_class_names == ["class_01"]
@@ -184,20 +163,20 @@ def test_image_folder_counts_split_and_holdout(tmp_path):
   assert all("class_01" in p for p in splits.unknown.paths)
   paths = splits.train.paths + splits.val.paths + splits.test.paths
   assert len(set(paths)) == len(paths) == 18
-  again = data.get_splits(_cfg(root=str(root), split="train:3,val:1,test:2", seed=5,
+  again = data.get_splits(data_config(root=str(root), split="train:3,val:1,test:2", seed=5,
                                holdout_classes=(1,)))
   assert again.test.paths == splits.test.paths
 
 
 def test_canonical_split_needs_numbered_files(tmp_path):
-  root = _make_folder(tmp_path / "d", num_classes=2)
-  splits = data.get_splits(_cfg(root=str(root)))
+  root = make_folder(tmp_path / "d", num_classes=2)
+  splits = data.get_splits(data_config(root=str(root)))
   assert [pathlib.Path(p).stem for p in splits.train.paths] == ["1", "2", "3"] * 2
   assert [pathlib.Path(p).stem for p in splits.val.paths] == ["4", "4"]
   assert [pathlib.Path(p).stem for p in splits.test.paths] == ["5", "5"]
-  Image.fromarray(_rgb(0)).save(root / "class_00" / "extra.png")
+  Image.fromarray(rgb(0)).save(root / "class_00" / "extra.png")
   with pytest.raises(ValueError, match="extra.png"):
-    data.get_splits(_cfg(root=str(root)))
+    data.get_splits(data_config(root=str(root)))
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -210,8 +189,8 @@ def test_canonical_split_needs_numbered_files(tmp_path):
     ("root", "", "config.data.root"),
 ])
 def test_bad_config_names_the_field(tmp_path, field, value, match):
-  root = _make_folder(tmp_path / "d", num_classes=3)
-  cfg = _cfg(root=str(root)).to_dict()  # A plain dict: ConfigDict would type-check.
+  root = make_folder(tmp_path / "d", num_classes=3)
+  cfg = data_config(root=str(root)).to_dict()  # A plain dict: ConfigDict would type-check.
   cfg[field] = value
   with pytest.raises(ValueError, match=match):
     data.get_splits(cfg)
@@ -229,8 +208,8 @@ def test_unknown_source_lists_the_registered_names():
 def test_image_extensions_are_one_list(tmp_path):
   assert data.IMAGE_EXTENSIONS is transforms.IMAGE_EXTENSIONS
   assert {".jpg", ".png", ".jfif"} <= data.IMAGE_EXTENSIONS
-  root = _make_folder(tmp_path / "d", num_classes=2, per_class=1)
-  Image.fromarray(_rgb(0)).save(root / "class_00" / "2.JPG")  # Suffix case ignored.
+  root = make_folder(tmp_path / "d", num_classes=2, per_class=1)
+  Image.fromarray(rgb(0)).save(root / "class_00" / "2.JPG")  # Suffix case ignored.
   (root / "class_01" / "2.txt").write_text("not an image")
   scan = folder.scan_image_folder(root)
   assert [pathlib.Path(p).name for p in scan.paths] == ["1.png", "2.JPG", "1.png"]
@@ -239,13 +218,13 @@ def test_image_extensions_are_one_list(tmp_path):
 
 def test_missing_root_is_file_not_found(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.data.root"):
-    data.get_splits(_cfg(root=str(tmp_path / "nope")))
+    data.get_splits(data_config(root=str(tmp_path / "nope")))
 
 
 # ---- digits --------------------------------------------------------------------------
 def test_digits_source():
   from sklearn import datasets
-  splits = data.get_splits(_cfg(source="digits", split="canonical"))
+  splits = data.get_splits(data_config(source="digits", split="canonical"))
   assert splits.class_names == [str(d) for d in range(10)]
   n = len(splits.train) + len(splits.val) + len(splits.test)
   assert n == 1797
@@ -266,7 +245,7 @@ def test_digits_source():
 
 # ---- pipeline ------------------------------------------------------------------------
 def _array_source(n: int = 10, h: int = 8, w: int = 8) -> data.ArraySource:
-  images = np.stack([_rgb(i, h, w) for i in range(n)])
+  images = np.stack([rgb(i, h, w) for i in range(n)])
   return data.ArraySource(images, np.arange(n) % 3)
 
 
@@ -369,7 +348,7 @@ def test_make_iterator_bad_arguments(kw, match):
 def test_birds525_canonical(birds525_root):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # Every image must decode: no "dropped" warning.
-    splits = data.get_splits(_cfg(source="birds525", root=str(birds525_root)))
+    splits = data.get_splits(data_config(source="birds525", root=str(birds525_root)))
   assert splits.num_classes == 525
   assert splits.class_names == sorted(splits.class_names)
   assert splits.class_names[0] == "ABBOTTS BABBLER"
@@ -395,7 +374,7 @@ def test_default_birds525_root_resolves(birds525_root):
 
 
 def test_digits_classes_subset_and_holdout():
-  splits = data.get_splits(_cfg(source="digits", split="train:0.5,test:0.5",
+  splits = data.get_splits(data_config(source="digits", split="train:0.5,test:0.5",
                                 classes_subset=(1, 3, 5, 7), holdout_classes=(5,)))
   assert splits.class_names == ["1", "3", "7"] and splits.val is None
   assert splits.unknown_class_names == ["5"]

@@ -3,7 +3,6 @@
 import pathlib
 import warnings
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -11,15 +10,7 @@ import pytest
 from fgjax import data
 from fgjax.data import folder
 from fgjax.data import splits as splits_lib
-
-
-def _cfg(**kw) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict({
-      "source": "image_folder", "root": "", "split": "canonical", "seed": 0,
-      "tfds_name": "", "tfds_data_dir": "", "bbox_crop": False,
-      "holdout_classes": (), "classes_subset": ()})
-  c.update(kw)
-  return c
+from tests.data_helpers import data_config
 
 
 def _save(path: pathlib.Path, seed: int) -> None:
@@ -48,7 +39,7 @@ def test_canonical_split_is_the_folder_split(tmp_path):
   root = _make_split_folders(tmp_path / "d", LAYOUT)
   (root / "README.md").write_text("a file next to the split folders is ignored")
   assert folder.is_split_layout(root)
-  splits = data.get_splits(_cfg(root=str(root)))
+  splits = data.get_splits(data_config(root=str(root)))
   assert splits.class_names == ["a", "b", "c"]
   for split, source in [("train", splits.train), ("val", splits.val),
                         ("test", splits.test)]:
@@ -66,14 +57,14 @@ def test_canonical_split_is_the_folder_split(tmp_path):
 def test_split_folders_without_val_have_no_val(tmp_path):
   root = _make_split_folders(tmp_path / "d", {k: v for k, v in LAYOUT.items()
                                               if k != "val"})
-  splits = data.get_splits(_cfg(root=str(root)))
+  splits = data.get_splits(data_config(root=str(root)))
   assert splits.val is None and len(splits.train) == 12 and len(splits.test) == 6
 
 
 def test_counts_pool_the_folders_and_resplit_per_class(tmp_path):
   root = _make_split_folders(tmp_path / "d", LAYOUT)
   spec = "train:3,val:1,test:2"
-  splits = data.get_splits(_cfg(root=str(root), split=spec, seed=3))
+  splits = data.get_splits(data_config(root=str(root), split=spec, seed=3))
   for source, k in [(splits.train, 3), (splits.val, 1), (splits.test, 2)]:
     np.testing.assert_array_equal(np.bincount(source.labels), [k] * 3)
   # The pool: per class, train then val then test files, each sorted by name; cut by
@@ -88,7 +79,7 @@ def test_counts_pool_the_folders_and_resplit_per_class(tmp_path):
     assert source.paths == [pool[p] for p in parts[split]]
   moved = [p for p in splits.test.paths if "/test/" not in p]
   assert moved, "a re-split must be able to move files across the split folders"
-  fractions = data.get_splits(_cfg(root=str(root), split="train:0.5,test:0.5", seed=3))
+  fractions = data.get_splits(data_config(root=str(root), split="train:0.5,test:0.5", seed=3))
   assert len(fractions.train) + len(fractions.test) == 20 and fractions.val is None
 
 
@@ -97,14 +88,14 @@ def test_class_only_in_val_or_test_is_an_error(tmp_path):
   _save(root / "test" / "zebra" / "img_test_00.png", 99)
   with pytest.raises(ValueError, match=r"config.data.root: .*test has class folders "
                                        r".*lacks: \['zebra'\]"):
-    data.get_splits(_cfg(root=str(root)))
+    data.get_splits(data_config(root=str(root)))
 
 
 def test_holdout_and_bad_files_in_split_folders(tmp_path):
   root = _make_split_folders(tmp_path / "d", LAYOUT)
   (root / "train" / "a" / "img_train_01.png").write_bytes(b"not a png")
   with pytest.warns(RuntimeWarning, match="dropped 1 of 20 files"):
-    splits = data.get_splits(_cfg(root=str(root), holdout_classes=(1,)))
+    splits = data.get_splits(data_config(root=str(root), holdout_classes=(1,)))
   assert splits.class_names == ["a", "c"] and splits.unknown_class_names == ["b"]
   assert [pathlib.Path(p).name for p in splits.train.paths[:2]] == [
       "img_train_00.png", "img_train_02.png"]
@@ -121,7 +112,7 @@ def test_classes_named_train_and_test_are_a_class_layout(tmp_path):
     for n in range(1, 6):
       _save(tmp_path / "d" / cls / f"{n}.png", n)
   assert not folder.is_split_layout(tmp_path / "d")
-  splits = data.get_splits(_cfg(root=str(tmp_path / "d")))
+  splits = data.get_splits(data_config(root=str(tmp_path / "d")))
   assert splits.class_names == ["test", "train"] and len(splits.train) == 6
 
 
@@ -130,16 +121,16 @@ def test_cars196_needs_split_folders(tmp_path):
     _save(tmp_path / "d" / "car_a" / f"{n}.png", n)
     _save(tmp_path / "d" / "car_b" / f"{n}.png", n + 10)
   with pytest.raises(ValueError, match="config.data.root.*cars196"):
-    data.get_splits(_cfg(source="cars196", root=str(tmp_path / "d")))
+    data.get_splits(data_config(source="cars196", root=str(tmp_path / "d")))
   with pytest.raises(FileNotFoundError, match="config.data.root"):
-    data.get_splits(_cfg(source="cars196", root=str(tmp_path / "missing")))
+    data.get_splits(data_config(source="cars196", root=str(tmp_path / "missing")))
 
 
 # ---- cars196 (real data) -------------------------------------------------------------
 def test_cars196_canonical(cars196_root):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # Every image must decode: no "dropped" warning.
-    splits = data.get_splits(_cfg(source="cars196", root=""))  # The default root.
+    splits = data.get_splits(data_config(source="cars196", root=""))  # The default root.
   assert pathlib.Path(splits.train.paths[0]).is_relative_to(cars196_root)
   assert splits.num_classes == 196
   assert splits.class_names == sorted(splits.class_names)

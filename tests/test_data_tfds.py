@@ -1,6 +1,5 @@
 """TFDS sources through `tfds.data_source`, tested offline with tfds.testing.mock_data."""
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -9,15 +8,11 @@ tfds = pytest.importorskip("tensorflow_datasets", reason="TFDS sources need it")
 from fgjax import data  # noqa: E402
 from fgjax.data import tfds as tfds_source  # noqa: E402
 from fgjax.data import transforms  # noqa: E402
+from tests.data_helpers import data_config  # noqa: E402
 
 
 def _cfg(**kw):
-  c = ml_collections.ConfigDict({
-      "source": "tfds", "root": "", "split": "canonical", "seed": 0, "tfds_name": "",
-      "tfds_data_dir": "", "bbox_crop": False, "holdout_classes": (),
-      "classes_subset": ()})
-  c.update(kw)
-  return c
+  return data_config(source="tfds", **kw)
 
 
 def test_mock_patches_data_source_and_val_is_carved():

@@ -13,8 +13,8 @@ from fgjax import divergence
 from fgjax import predict
 from fgjax import train
 from fgjax import workdir as workdir_lib
-from tests.test_data import _cfg
-from tests.test_data import _make_folder
+from tests.data_helpers import data_config
+from tests.data_helpers import make_folder
 from tests.train_helpers import restored
 from tests.train_helpers import small_config
 
@@ -106,10 +106,10 @@ def test_sixteen_bit_grayscale_keeps_its_brightness(tmp_path):
 
 def test_a_class_emptied_by_bad_files_is_refused_by_name(tmp_path):
   from fgjax import data
-  root = _make_folder(tmp_path / "d")
+  root = make_folder(tmp_path / "d")
   for n in range(1, 6):
     (root / "class_01" / f"{n}.png").write_bytes(b"not a png")
-  cfg = _cfg(root=str(root), split="train:3,val:1,test:1")
+  cfg = data_config(root=str(root), split="train:3,val:1,test:1")
   with pytest.warns(RuntimeWarning, match="dropped 5 of 15"), \
       pytest.raises(ValueError, match=r"class\(es\) \['class_01'\] \(1\) have no "
                                       r"training image left after dropping 5 "
@@ -121,7 +121,7 @@ def test_a_class_emptied_by_bad_files_is_refused_by_name(tmp_path):
 
 
 def test_results_json_lists_the_dropped_files(tmp_path):
-  root = _make_folder(tmp_path / "d", num_classes=4)
+  root = make_folder(tmp_path / "d", num_classes=4)
   (root / "class_01" / "3.png").write_bytes(b"truncated")
   config = small_config("ce", steps=2, **{"data.source": "image_folder",
                                           "data.root": str(root),
