@@ -20,27 +20,22 @@ BIRDS525 = REPO.parent / "shared" / "data" / "birds525"
 CARS196 = REPO.parent / "shared" / "data" / "cars196"
 
 
-def require_birds525():
-  """Returns the birds525 root; fails under CI=true when missing, else skips."""
-  if BIRDS525.is_dir():
-    return BIRDS525
+def _require(root):
+  """Returns a shared data set's root; fails under CI=true when missing, else skips."""
+  if root.is_dir():
+    return root
   if os.environ.get("CI") == "true":
-    pytest.fail(f"birds525 is required in CI but missing at {BIRDS525}")
-  pytest.skip(f"birds525 not found at {BIRDS525}")
+    pytest.fail(f"{root.name} is required in CI but missing at {root}")
+  pytest.skip(f"{root.name} not found at {root}")
 
 
 @pytest.fixture
 def birds525_root():
-  return require_birds525()
+  return _require(BIRDS525)
 
 
 def require_cars196():
-  """Returns the cars196 root; fails under CI=true when missing, else skips."""
-  if CARS196.is_dir():
-    return CARS196
-  if os.environ.get("CI") == "true":
-    pytest.fail(f"cars196 is required in CI but missing at {CARS196}")
-  pytest.skip(f"cars196 not found at {CARS196}")
+  return _require(CARS196)
 
 
 @pytest.fixture
