@@ -78,7 +78,7 @@ def main(argv):
   host_memory.retain_freed_memory()
   config = _CONFIG.value
   if "continual" not in config:
-    raise ValueError(f"the config has no `continual` section; use a "
+    raise ValueError("the config has no `continual` section; use a "
                      "configs/*_continual.py file.")
   run = train.Run(config)
   rows = {m: continual.run_protocol(run, config, m, _WORKDIR.value)

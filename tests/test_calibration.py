@@ -9,6 +9,8 @@ import pytest
 from fgjax import calibration
 from fgjax import evaluate
 from fgjax import impostors as impostors_lib
+from fgjax import train
+from tests.train_helpers import small_config
 
 
 def test_reliability_known_answer():
@@ -64,8 +66,6 @@ def test_sigma_by_nll_is_the_grid_argmin():
 
 
 def test_run_reports_calibration_and_draws_the_diagram(tmp_path):
-  from tests.train_helpers import small_config  # pylint: disable=g-import-not-at-top
-  from fgjax import train  # pylint: disable=g-import-not-at-top
   config = small_config("ce", steps=20, **{"export.int8_calibration_images": 0})
   results = train.train_and_evaluate(config, str(tmp_path))
   test = results["splits"]["test"]["calibration"]

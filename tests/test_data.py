@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 from PIL import Image
 import pytest
+from sklearn import datasets
 
 from fgjax import data
 from fgjax.data import digits
@@ -223,7 +224,6 @@ def test_missing_root_is_file_not_found(tmp_path):
 
 # ---- digits --------------------------------------------------------------------------
 def test_digits_source():
-  from sklearn import datasets
   splits = data.get_splits(data_config(source="digits", split="canonical"))
   assert splits.class_names == [str(d) for d in range(10)]
   n = len(splits.train) + len(splits.val) + len(splits.test)
@@ -379,7 +379,6 @@ def test_digits_classes_subset_and_holdout():
   assert splits.class_names == ["1", "3", "7"] and splits.val is None
   assert splits.unknown_class_names == ["5"]
   assert set(splits.train.labels) == {0, 1, 2} and set(splits.unknown.labels) == {-1}
-  from sklearn import datasets
   counts = np.bincount(datasets.load_digits().target)
   assert len(splits.unknown) == counts[5] - round(counts[5] * 0.5)
   # Exactly the shared split + class selection: stratified positions, then classes

@@ -4,11 +4,13 @@ promise, and the artifact and predict serve them."""
 
 import json
 
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import digits_early_exit
 from fgjax import artifact
+from fgjax import objectives
 from fgjax import predict
 from fgjax import train
 from fgjax.early_exit import fit as fit_lib
@@ -132,7 +134,6 @@ def test_predict_reports_the_exit(trained, tmp_path):
 
 
 def test_config_and_artifact_refusals(trained, tmp_path):
-  import ml_collections  # pylint: disable=g-import-not-at-top
   outputs = ("stem", "stage1", "stage2", "map", "pooled")
   cfg = ml_collections.ConfigDict(dict(exits=("stage2", "stage1"), rule="adaptive"))
   with pytest.raises(ValueError, match="distinct and in forward order"):
@@ -168,7 +169,6 @@ def test_fit_exits_needs_held_out_images():
 
 
 def test_exit_ce_term_is_the_mean_of_per_exit_cross_entropies():
-  from fgjax import objectives  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(4, 3, 5)).astype(np.float32)
   labels = np.array([1, 4, 0, 2])

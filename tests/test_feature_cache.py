@@ -9,6 +9,7 @@ import pytest
 from fgjax import feature_cache
 from fgjax import split_outputs
 from fgjax import train
+from fgjax.data import transforms
 from tests.train_helpers import small_config
 
 
@@ -130,7 +131,6 @@ def test_init_from_head_only_caches_the_loaded_backbone(tmp_path):
 
 
 def _val_images(run):
-  from fgjax.data import transforms  # pylint: disable=g-import-not-at-top
   val = run.splits.val
   spec = run.network.spec
   images = np.stack([transforms.eval_transform(val[i]["image"], image_size=8,

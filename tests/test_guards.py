@@ -7,12 +7,15 @@ import pathlib
 
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 import pytest
 
+from fgjax import data
 from fgjax import divergence
 from fgjax import predict
 from fgjax import train
 from fgjax import workdir as workdir_lib
+from fgjax.data import transforms
 from tests.data_helpers import data_config
 from tests.data_helpers import make_folder
 from tests.train_helpers import restored
@@ -89,8 +92,6 @@ def test_predict_refuses_out_of_range_options(kwargs, match):
 
 # ---- data: nothing dropped without a word ----------------------------------------------
 def test_sixteen_bit_grayscale_keeps_its_brightness(tmp_path):
-  from PIL import Image
-  from fgjax.data import transforms
   # A dark 12-bit exposure in a 16-bit PNG: values 2000..3890 of 65535.
   raw = (np.arange(64).reshape(8, 8) * 30 + 2000).astype(np.uint16)
   Image.fromarray(raw).save(tmp_path / "dark16.png")
@@ -105,7 +106,6 @@ def test_sixteen_bit_grayscale_keeps_its_brightness(tmp_path):
 
 
 def test_a_class_emptied_by_bad_files_is_refused_by_name(tmp_path):
-  from fgjax import data
   root = make_folder(tmp_path / "d")
   for n in range(1, 6):
     (root / "class_01" / f"{n}.png").write_bytes(b"not a png")

@@ -2,6 +2,7 @@
 registered network, and 'onnx' refuses what it cannot translate at build time."""
 
 import importlib.util
+import itertools
 
 import flax.linen as nn
 import jax
@@ -11,9 +12,9 @@ import pytest
 
 from configs import common
 from fgjax import export
-from fgjax.export import onnx_fusion
 from fgjax import models
 from fgjax.export import onnx as onnx_export
+from fgjax.export import onnx_fusion
 from fgjax.models import nets
 from fgjax.models import pooling
 
@@ -267,7 +268,6 @@ class _Relayout(nn.Module):
 @needs_onnx
 @pytest.mark.parametrize("shape", [(2, 3, 1, 3), (1, 2, 3, 3)])
 def test_onnx_reshape_and_reduce_in_every_stored_layout(shape):
-  import itertools  # pylint: disable=g-import-not-at-top
   x = np.random.default_rng(6).normal(size=shape).astype(np.float32)
   variables = _Relayout((0, 1, 2, 3)).init(jax.random.key(0), x)
   conv = variables["params"]["conv"]

@@ -1,14 +1,23 @@
 """ELoPE localization: boxes from heat maps, batched crops, IoU, the localized network."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import birds_fixed
 from configs import common
+from fgjax import data
+from fgjax import evaluate_run
+from fgjax import train
+from fgjax.data import transforms
 from fgjax.models import localize
 from fgjax.models import nets
+from tests.train_helpers import read_rows
 from tests.train_helpers import restored
+from tests.train_helpers import small_config
 
 
 def _map(rows, cols, cells, value=1.0, base=0.0):
@@ -106,7 +115,6 @@ def test_resnet50_localizer_size_matches_the_paper():
 
 
 def _digits(steps, **overrides):
-  from tests.train_helpers import small_config  # pylint: disable=g-import-not-at-top
   return small_config("ce", steps=steps, **{
       "model.net": "elope", "model.pooling": "kmax", "model.pooling_k": 2,
       "loss.extra_terms": "elope", "model.localizer_stop": "stem",
@@ -114,9 +122,6 @@ def _digits(steps, **overrides):
 
 
 def test_elope_recipe_trains_the_module_and_draws_it(tmp_path):
-  import json  # pylint: disable=g-import-not-at-top
-  from fgjax import train  # pylint: disable=g-import-not-at-top
-  from tests.train_helpers import read_rows  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_digits(20), str(tmp_path / "classifier"))
   stage2 = _digits(40, **{
       "model.net": "elope_localized", "loss.terms": "heatmap", "loss.extra_terms": "",
@@ -141,9 +146,6 @@ def test_elope_recipe_trains_the_module_and_draws_it(tmp_path):
 
 def test_localization_accuracy_against_tfds_boxes(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets", reason="TFDS sources need it")
-  from configs import birds_fixed  # pylint: disable=g-import-not-at-top
-  from fgjax import data, evaluate_run, train  # pylint: disable=g-import-not-at-top
-  from fgjax.data import transforms  # pylint: disable=g-import-not-at-top
   config = birds_fixed.get_config()
   config.scheme, config.model.net, config.model.pooling = "ce", "elope", "kmax"
   config.model.pooling_k = 2  # SqueezeNet's map is 3x3 at 64 px
@@ -171,14 +173,12 @@ def test_localization_accuracy_against_tfds_boxes(tmp_path):
 
 
 def test_eval_box_follows_resize_and_centre_crop():
-  from fgjax.data import transforms  # pylint: disable=g-import-not-at-top
   # Resize to 256, crop 224 from offset 16: y' = (256 y - 16) / 224.
   box = transforms.eval_box([0.5, 0.0, 1.0, 0.25], image_size=224, resize_size=256)
   np.testing.assert_allclose(box, [(128 - 16) / 224, 0.0, 1.0, (64 - 16) / 224], atol=1e-6)
 
 
 def test_localization_report_box_area_without_ground_truth():
-  from fgjax import evaluate_run  # pylint: disable=g-import-not-at-top
   heat = np.zeros((2, 4, 4), np.float32)
   heat[0] = 1.0                  # flat map: every cell on -> the whole image
   heat[0, 0, 0] = 0.0            # ... except that min-max needs a low cell: still all

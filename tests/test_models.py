@@ -5,18 +5,19 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
+from sklearn.datasets import load_sample_images
 
 from fgjax import models
-from fgjax.models import layers
 from fgjax.data import transforms
+from fgjax.models import efficientnet_lite
+from fgjax.models import layers
 
 
 @functools.lru_cache(maxsize=None)
 def _sample_images_224() -> np.ndarray:
   """scikit-learn's china.jpg and flower.jpg, resized to 224x224 bilinear, 0..255."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
   images = load_sample_images().images
   return np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.BILINEAR))
                    for im in images]).astype(np.float32)
@@ -164,7 +165,6 @@ def test_parity_efficientnet_lite0_vs_reference():
   torch = pytest.importorskip("torch", reason="PyTorch parity needs torch")
   ref_lib = pytest.importorskip("efficientnet_lite_pytorch",
                                 reason="reference implementation not installed")
-  from fgjax.models import efficientnet_lite  # pylint: disable=g-import-not-at-top
   spec, apply = _lite0_top()
   net = ref_lib.EfficientNet.from_name("efficientnet-lite0")
   state = torch.load(efficientnet_lite.default_weights_path(), map_location="cpu",
@@ -238,7 +238,6 @@ def test_gradient_parity_efficientnet_lite0_vs_reference():
   torch = pytest.importorskip("torch", reason="PyTorch parity needs torch")
   ref_lib = pytest.importorskip("efficientnet_lite_pytorch",
                                 reason="reference implementation not installed")
-  from fgjax.models import efficientnet_lite  # pylint: disable=g-import-not-at-top
   net = ref_lib.EfficientNet.from_name("efficientnet-lite0")
   net.load_state_dict(torch.load(efficientnet_lite.default_weights_path(),
                                  map_location="cpu", weights_only=True))

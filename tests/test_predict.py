@@ -7,9 +7,10 @@ import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from configs import digits_loose
 from fgjax import artifact
@@ -128,7 +129,6 @@ def test_int8_engine_needs_a_calibrated_artifact(trained, tmp_path):
 
 
 def model_config(workdir):
-  import ml_collections  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
 
 

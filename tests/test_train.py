@@ -5,6 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import birds_fixed
+from fgjax import artifact
+from fgjax import data
+from fgjax import impostors
+from fgjax import parallel
+from fgjax import quantize
 from fgjax import train
 from fgjax import update as update_lib
 from tests.test_losses import _elope_ref, _means_ref
@@ -241,7 +247,6 @@ def test_donated_state_leaves_backbone_variables_alive(tmp_path):
   state = run.initial_state()
   update = run.make_update()
   batch = next(run.outputs.train_batches(0))
-  from fgjax import parallel  # pylint: disable=g-import-not-at-top
   update(state, parallel.global_batch(batch, run.mesh))
   # The registry's (pretrained) backbone arrays are still readable: the state owned
   # copies of them, and only those were donated.
@@ -257,7 +262,6 @@ def test_batch_not_divisible_by_devices(tmp_path):
 
 
 def test_fixed_trains_against_pq_compressed_impostors(tmp_path):
-  from fgjax import artifact, quantize
   config = small_config("fixed", steps=4, **{"impostors.pq_bytes": 8})
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results["pq_applied"] == "before training"
@@ -274,7 +278,6 @@ def test_fixed_trains_against_pq_compressed_impostors(tmp_path):
   images = np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype(np.float32)
   adc = model.log_probs(images)
   emb = model.forward(images)["embedding"]
-  from fgjax import impostors
   exact = impostors.rbf_log_probs(emb, impostors.ImpostorSet(centers, model.impostors.labels),
                                   model.sigma, num_classes=10)
   np.testing.assert_allclose(np.exp(adc), np.exp(np.asarray(exact)), atol=1e-4)
@@ -323,7 +326,6 @@ def test_cub_config_trains_under_tfds_mock_data(tmp_path):
   # configs/birds_fixed.py end to end on TFDS's mock records (no data, no download);
   # small images, random SqueezeNet weights (the torchvision file is not here).
   tfds = pytest.importorskip("tensorflow_datasets", reason="TFDS sources need it")
-  from configs import birds_fixed  # pylint: disable=g-import-not-at-top
   config = birds_fixed.get_config()
   config.model.pretrained = False
   config.input.image_size, config.input.resize_size = 32, 36
@@ -331,7 +333,6 @@ def test_cub_config_trains_under_tfds_mock_data(tmp_path):
   config.train.num_steps, config.train.log_every_steps = 3, 1
   config.num_devices = 1
   config.data.holdout_classes = (0,)
-  from fgjax import data  # pylint: disable=g-import-not-at-top
   with tfds.testing.mock_data(num_examples=24):
     splits = data.get_splits(config.data)
     results = train.train_and_evaluate(config, str(tmp_path))

@@ -5,10 +5,11 @@ import json
 
 import ml_collections
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from fgjax import data
+from fgjax import train
 from fgjax.data import unknown
 from tests.conftest import require_cars196
 from tests.train_helpers import small_config
@@ -58,7 +59,6 @@ def test_training_reports_the_open_set_against_the_unknowns(tmp_path):
   root = _noise_folder(tmp_path / "noise", n=40)
   config = small_config("loose", steps=20, **{"data.unknown_root": str(root),
                                               "export.int8_calibration_images": 0})
-  from fgjax import train  # pylint: disable=g-import-not-at-top
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
   report = results["openset"]
   assert report["num_unknown"] == 40
