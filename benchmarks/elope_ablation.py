@@ -1,7 +1,8 @@
-"""ELoPE's ablation (Table 5) on a folder data set, EfficientNet-Lite0, head-only depth.
+"""ELoPE's ablation (Table 5) on a folder data set, EfficientNet-Lite0.
 
   python benchmarks/elope_ablation.py --dataset=cars196 --workdir=/work/runs/elope \
-      [--epochs=30 --lrs=3e-4,1e-3,3e-3 --module_epochs=5 --rows=gap,gmp,...]
+      [--epochs=30 --lrs=3e-4,1e-3,3e-3 --module_epochs=5 --rows=gap,gmp,...] \
+      [--trainable=last:2]
 
 Rows, each a `train_and_evaluate` run (results.json in its workdir; a finished run is
 not repeated, so the sweep resumes after a kill, and the summary is rebuilt from the
@@ -23,9 +24,13 @@ runs), learning rate chosen on val among --lrs, test reported for that choice on
                      chosen on val like the localization row's), and the
                      localization row's --weighted_epochs more with plain k-max, so a
                      gain from crops or weights is not one from training longer
-The backbone stays frozen at its ImageNet weights in every row (CPU budget), so every
-row trains its head for --epochs on cached features: the same budget. Prints a Markdown
-table and writes summary_<dataset>.json as rows finish.
+Training depth (--trainable, the same for every row): 'head' keeps the backbone at its
+ImageNet weights; 'last:N' also trains its last N blocks (N ending a stage: 1, 2, 6, ...
+for Lite0), on cached outputs of the blocks before them. Either way every row trains
+for --epochs on cached features of unaugmented images: the same budget. The module of
+the localization row always trains with the backbone frozen (ELoPE section 5). Runs of
+a depth other than 'head' go to <workdir>/<dataset>_last<N>. Prints a Markdown table
+and writes summary_<dataset>.json as rows finish.
 """
 
 import json
@@ -52,6 +57,8 @@ _WEIGHTED_EPOCHS = flags.DEFINE_integer("weighted_epochs", 10,
 _LRS = flags.DEFINE_list("lrs", ["1e-4", "3e-4", "1e-3", "3e-3"],
                          "Learning rates to choose from (on val).")
 _ROWS = flags.DEFINE_list("rows", list(ROWS), "Rows to run, in order.")
+_TRAINABLE = flags.DEFINE_string("trainable", "head",
+                                 "config.model.trainable of every row: head or last:N.")
 _CACHE = flags.DEFINE_string("feature_cache_dir", "", "Shared feature cache (default: "
                              "<workdir>/<dataset>/features).")
 
@@ -59,6 +66,7 @@ _CACHE = flags.DEFINE_string("feature_cache_dir", "", "Shared feature cache (def
 def base(lr: float):
   c = common.elope(_DATASET.value, learning_rate=lr)
   c.train.num_epochs = _EPOCHS.value
+  c.model.trainable = _TRAINABLE.value
   c.train.feature_cache_dir = _CACHE.value or os.path.join(_WORKDIR.value,
                                                            _DATASET.value, "features")
   c.train.checkpoint_every_steps = 1000
@@ -102,6 +110,7 @@ def module_config(classifier_workdir: str):
   c.model.net = "elope_localized"
   c.loss.terms, c.loss.extra_terms = "heatmap", ""
   c.model.frozen = "embed,classifier"
+  c.model.trainable = "head"
   c.train.cache_features, c.train.feature_cache_dir = False, ""
   c.train.num_epochs = _MODULE_EPOCHS.value
   c.train.log_every_steps = 20
@@ -139,7 +148,9 @@ def _name(row: str, lr: float, done: dict) -> str:
 
 def main(argv):
   del argv
-  out_dir = os.path.join(_WORKDIR.value, _DATASET.value)
+  depth = _TRAINABLE.value
+  out_dir = os.path.join(_WORKDIR.value, _DATASET.value + (
+      "" if depth == "head" else "_" + depth.replace(":", "")))
   os.makedirs(out_dir, exist_ok=True)
   summary_path = os.path.join(out_dir, f"summary_{_DATASET.value}.json")
   # The rows named in --rows are rebuilt from their runs' results.json (finished runs
@@ -174,7 +185,7 @@ def main(argv):
     os.replace(tmp, summary_path)
     print(f"{row}: lr {best:g} val {done[row]['val']['top1']:.3f} "
           f"test {done[row]['test']['top1']:.3f}", flush=True)
-  print(f"\n{_DATASET.value}, EfficientNet-Lite0 head-only, {_EPOCHS.value} epochs, "
+  print(f"\n{_DATASET.value}, EfficientNet-Lite0 trainable={depth}, {_EPOCHS.value} epochs, "
         f"{time.strftime('%Y-%m-%d %H:%M')}")
   print("| row | classifier | lr (val) | val top-1 | test top-1 | test top-5 |")
   print("|---|---|---|---|---|---|")

@@ -89,7 +89,7 @@ def serve_table(exporters):
         backbone_out = jax.jit(lambda v, x: n.spec.module.apply(v, x, train=False))(
             n.spec.variables, x)
       # The jit path: its backbone outputs, then the network's own layers.
-      want = n.module.apply(variables, backbone_out, method="head")
+      want = n.head_apply(variables, backbone_out)
       row = [net, pool]
       for exporter in exporters:
         try:

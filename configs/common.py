@@ -94,7 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
   # fgjax.divergence: stop (keeping the last good checkpoint) when a row of the
   # embedding grows past this L2 norm; 0: only non-finite values stop a run.
   c.train.max_embedding_norm = 1e6
-  c.train.cache_features = False  # head-only training on cached backbone features
+  # Train on cached backbone outputs: all of them ('head'), or those before the last N
+  # blocks ('last:N'); computed on the evaluation transform (no crops, no flips).
+  c.train.cache_features = False
   # With cache_features: a directory shared by runs, so a sweep computes the backbone
   # features of each split once (fgjax.feature_cache); empty: per run, in memory.
   c.train.feature_cache_dir = ""

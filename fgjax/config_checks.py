@@ -117,14 +117,15 @@ def validate(config: Any) -> None:
       raise ValueError(f"config.init_from={config.init_from!r} is not a workdir with "
                        "checkpoints; point it at a finished run's --workdir.")
   if config.train.cache_features and optim.parse_trainable(config.model.trainable)[0] \
-      != "head":
+      == "all":
     raise ValueError("config.train.cache_features=True needs config.model.trainable="
-                     "'head' (cached backbone features are only valid while the "
-                     "backbone is frozen).")
+                     "'head' or 'last:N' (cached backbone outputs are only valid for "
+                     "the blocks that do not train).")
   if config.train.get("feature_cache_dir") and not config.train.cache_features:
     raise ValueError(f"config.train.feature_cache_dir={config.train.feature_cache_dir!r} "
                      "is only used with config.train.cache_features=True (and "
-                     "config.model.trainable='head'); set both or leave it empty.")
+                     "config.model.trainable='head' or 'last:N'); set both or leave it "
+                     "empty.")
 
 
 def _validate_loss(config: Any) -> None:

@@ -109,11 +109,12 @@ def load_splits(run) -> dict[str, Split]:
   return out
 
 
-def _apply(module, variables, x, train: bool, cached: bool):
+def _apply(network, variables, x, train: bool, cached: bool):
   """(outputs, new batch_stats): the head on cached features, or the whole network."""
   if cached:
-    return module.apply(variables, x, train=train, method="head"), variables.get(
+    return network.head_apply(variables, x, train=train), variables.get(
         "batch_stats", {})
+  module = network.module
   if train and variables.get("batch_stats"):
     out, mutated = module.apply(variables, x, train=True, mutable=["batch_stats"])
     return out, mutated["batch_stats"]
@@ -130,7 +131,8 @@ class Learner:
     if self.net == run.network.name:
       self.network, self.variables = run.network, run.initial_variables()
     else:
-      self.network = nets.build(config.model, num_classes, net=self.net)
+      self.network = nets.build(config.model, num_classes, net=self.net,
+                                cached_tail=optim.cached_tail(config))
       self.variables = self.network.init(config.seed, config.input.image_size)
     self.frozen = optim.frozen_paths(config.model.trainable, self.network.spec.blocks)
     if config.optim.schedule != "constant":
@@ -139,7 +141,7 @@ class Learner:
     self.optim_config = ml_collections.ConfigDict(config.to_dict())
     self.optim_config.optim.learning_rate = float(learning_rate)
     self.opt_state = None
-    self._embed = jax.jit(lambda v, x, key: _apply(self.network.module, v, x, False,
+    self._embed = jax.jit(lambda v, x, key: _apply(self.network, v, x, False,
                                                    self.cached)[0][key],
                           static_argnums=2)
 
@@ -240,12 +242,12 @@ class SoftmaxLearner(Learner):
   net = "convnet"
 
   def loss_fn(self):
-    module, cached = self.network.module, self.cached
+    network, cached = self.network, self.cached
 
     def loss(trainable, batch_stats, x, y, ids, consts):
       del ids, consts
       v = {"params": trainable["net"], "batch_stats": batch_stats}
-      out, stats = _apply(module, v, x, True, cached)
+      out, stats = _apply(network, v, x, True, cached)
       ce = optax.softmax_cross_entropy_with_integer_labels(out["logits"], y)
       return ce.mean(), stats
     return loss
@@ -353,12 +355,12 @@ class ImpostorLearner(Learner):
             "owners": jnp.asarray(self.owners)}
 
   def loss_fn(self):
-    module, cached = self.network.module, self.cached
+    network, cached = self.network, self.cached
     sigma, weight = self.sigma, self.attach_weight
 
     def loss(trainable, batch_stats, x, y, ids, consts):
       v = {"params": trainable["net"], "batch_stats": batch_stats}
-      out, stats = _apply(module, v, x, True, cached)
+      out, stats = _apply(network, v, x, True, cached)
       emb, centers = out["embedding"], trainable["centers"]
       nca = soft_nca.soft_nca_loss(emb, y, centers, consts["probs"], sigma,
                                    exclude=ids, center_owners=consts["owners"])

@@ -4,9 +4,12 @@ Head-only training (`config.model.trainable='head'`, `config.train.cache_feature
 never changes the backbone, so the backbone outputs its network's head reads (the
 pooled features for 'avg' pooling, the last conv map for the others) are fixed for
 every image: fgjax.split_outputs computes them once per split and runs only the head
-afterwards, for training, impostor initialisation and evaluation alike. On CPU the backbone pass is nearly all
-of such a run's time, so sweeps over learning rate, sigma, scheme or PQ size pay it
-once when `config.train.feature_cache_dir` names a directory shared by the runs.
+afterwards, for training, impostor initialisation and evaluation alike. With
+`trainable='last:N'` the cached output is the one before the last N backbone blocks
+(fgjax.models.segments.tail_start), and those blocks run with the head. On CPU the
+backbone pass is nearly all of such a run's time, so sweeps over learning rate, sigma,
+scheme or PQ size pay it once when `config.train.feature_cache_dir` names a directory
+shared by the runs.
 
 An entry is keyed by everything that determines the features: backbone and weights
 (path, size, modification time), which outputs, preprocessing sizes, the data config

@@ -38,6 +38,14 @@ def parse_trainable(value: str) -> tuple[str, int]:
                    f"{_TRAINABLE_HELP}.")
 
 
+def cached_tail(config: Any) -> int:
+  """N of config.model.trainable='last:N' with config.train.cache_features: the backbone
+  blocks that train on cached outputs of the ones before them (fgjax.models.nets.build);
+  0 otherwise."""
+  mode, n = parse_trainable(config.model.trainable)
+  return n if config.train.cache_features and mode == "last" else 0
+
+
 def frozen_paths(trainable: str, blocks: Sequence[str],
                  groups: Sequence[str] = ()) -> frozenset[tuple[str, ...]]:
   """The network parameter subtrees that do not train, as path prefixes.

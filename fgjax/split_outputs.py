@@ -11,8 +11,9 @@ network, the device mesh and the input settings. It computes
   train_batches(start_step)         the training stream from `start_step` (resumable).
 
 Head-only runs (config.train.cache_features) never change the trunk (the backbone, and
-for the localized network its box and crop), so the trunk outputs that the head reads
-(`Network.reads`) are computed once per split from the run's initial variables
+for the localized network its box and crop; with trainable='last:N' the backbone up to
+its last N blocks, which then run in the head), so the trunk outputs that the head
+reads (`Network.reads`) are computed once per split from the run's initial variables
 (config.init_from included), optionally kept on disk (fgjax.feature_cache), and
 everything above then runs only the head: the same numbers, since the frozen
 backbone's BatchNorm uses running statistics in both.
@@ -78,12 +79,13 @@ class SplitOutputs:
   def _forward(self, keys: tuple[str, ...], heads: bool):
     """Jitted (variables, inputs) -> {key: output}; unread outputs are not computed."""
     if (keys, heads) not in self._forwards:
-      net, repl = self.network.module, parallel.replicated(self.mesh)
+      network, repl = self.network, parallel.replicated(self.mesh)
       if heads:
-        fn = lambda v, f: {k: net.apply(v, f, method="head")[k] for k in keys}  # noqa: E731
+        fn = lambda v, f: {k: network.head_apply(v, f)[k] for k in keys}  # noqa: E731
         self._forwards[keys, heads] = jax.jit(fn, out_shardings=repl)
       else:
-        fn = lambda v, x: {k: net.apply(v, x, train=False)[k] for k in keys}  # noqa: E731
+        fn = lambda v, x: {k: network.module.apply(v, x, train=False)[k]  # noqa: E731
+                           for k in keys}
         self._forwards[keys, heads] = xla_cpu.jit(fn, out_shardings=repl)
     return self._forwards[keys, heads]
 

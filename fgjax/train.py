@@ -91,7 +91,8 @@ class Run:
     parallel.check_batch_size(config.eval.batch_size, self.mesh, "config.eval.batch_size")
     self.splits = data.get_splits(config.data)
     self.num_classes = self.splits.num_classes
-    self.network = nets.build(config.model, self.num_classes, net=self.resolved.net)
+    self.network = nets.build(config.model, self.num_classes, net=self.resolved.net,
+                              cached_tail=optim.cached_tail(config))
     self.objective = objectives.build(self.resolved.terms, config.loss)
     self.policy = impostor_policies.make(self.resolved.policy, config)
     self.output_shapes = self.network.output_shapes(config.input.image_size)

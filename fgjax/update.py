@@ -14,8 +14,9 @@ traced here, inside the one jitted step, so nothing policy-specific runs in the 
   'frozen_bn' the backbone's BatchNorm on running statistics, heads in train mode:
               part of the backbone trains ('last:N') or none of it ('head') but the
               images change every step (augmentation).
-  'heads'     only the layers after the backbone, on cached backbone outputs
-              (batch['backbone'] = {name: array}): head-only training on a CPU budget.
+  'heads'     only the layers after the cached backbone outputs (batch['backbone'] =
+              {name: array}): head-only training on a CPU budget, or with 'last:N'
+              the backbone's last N blocks too (BatchNorm as in 'frozen_bn').
 Frozen backbone blocks are constants of the loss (`jax.lax.stop_gradient`): the
 optimiser masks them anyway, and stopping the gradient spares the backward pass through
 them (with 'last:3' of Lite0 that is most of the step).
@@ -93,8 +94,8 @@ def make_update(network, objective: objectives.Objective,
       variables["batch_stats"] = state.batch_stats
     rngs = {"augment": jax.random.fold_in(base_key, state.step)}
     if forward == "heads":
-      return net.apply(variables, batch["backbone"], train=True, method="head",
-                       rngs=rngs), state.batch_stats
+      return network.head_apply(variables, batch["backbone"], train=True,
+                                rngs=rngs), state.batch_stats
     if forward == "train" and state.batch_stats:
       outputs, mutated = net.apply(variables, batch["image"], train=True,
                                    mutable=["batch_stats"], rngs=rngs)

@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +11,10 @@ from fgjax import feature_cache
 from fgjax import split_outputs
 from fgjax import train
 from fgjax.data import transforms
+from fgjax.models import registry
+from fgjax.models import segments
+from tests.train_helpers import read_losses
+from tests.train_helpers import restored
 from tests.train_helpers import small_config
 
 
@@ -111,6 +116,10 @@ def test_cache_dir_without_cached_features_is_a_config_error(tmp_path):
   config = small_config("fixed", steps=2, **{"train.feature_cache_dir": str(tmp_path)})
   with pytest.raises(ValueError, match="config.train.feature_cache_dir"):
     train.Run(config)
+  # A backbone that trains whole has no fixed outputs to cache.
+  config = small_config("fixed", steps=2, **{"train.cache_features": True})
+  with pytest.raises(ValueError, match=r"needs config.model.trainable='head' or 'last:N'"):
+    train.Run(config)
 
 
 def test_init_from_head_only_caches_the_loaded_backbone(tmp_path):
@@ -136,3 +145,54 @@ def _val_images(run):
   images = np.stack([transforms.eval_transform(val[i]["image"], image_size=8,
                                                resize_size=8) for i in range(len(val))])
   return transforms.normalize(images, spec.mean, spec.std)
+
+
+def test_last_n_on_cached_outputs_trains_like_the_uncached_run(tmp_path):
+  # trainable='last:1' of small_cnn (groups stage0, stage1, stage2): 'stage1' is the
+  # last output of the frozen groups, so it is cached and stage2 runs in the head, its
+  # BatchNorm on running statistics as in the uncached run ('frozen_bn'). Digits are
+  # neither cropped nor flipped, so both runs see the same inputs in the same order.
+  overrides = {"model.trainable": "last:1", "train.checkpoint_every_steps": 6}
+  cached = small_config("ce", steps=6, **overrides, **{"train.cache_features": True})
+  run = train.Run(cached)
+  assert run.network.cache_from == "stage1" and run.network.reads == ("stage1",)
+  assert run.forward == "heads"
+  got = train.train_and_evaluate(cached, str(tmp_path / "cached"))
+  want = train.train_and_evaluate(small_config("ce", steps=6, **overrides),
+                                  str(tmp_path / "images"))
+  np.testing.assert_allclose(list(read_losses(tmp_path / "cached").values()),
+                             list(read_losses(tmp_path / "images").values()), rtol=1e-4)
+  assert got["splits"]["test"]["softmax"]["top1"] == pytest.approx(
+      want["splits"]["test"]["softmax"]["top1"], abs=0.01)
+  before = run.initial_state().params["net"]["backbone"]
+  after = restored(tmp_path / "cached", cached)[1].params["net"]["backbone"]
+  for frozen in ("stage0", "stage1"):
+    jax.tree.map(np.testing.assert_array_equal, after[frozen], before[frozen])
+  assert np.abs(np.asarray(after["stage2"]["conv"]["kernel"])
+                - np.asarray(before["stage2"]["conv"]["kernel"])).max() > 0
+
+
+def test_cached_tail_outputs_equal_full_forward():
+  run = train.Run(small_config("ce", **{"model.trainable": "last:2",
+                                        "train.cache_features": True}))
+  assert run.network.reads == ("stem",)
+  variables = run.initial_state().variables()
+  full = split_outputs.SplitOutputs(run.network, run.splits, run.mesh, small_config(),
+                                    run.initial_variables)
+  got = run.outputs.outputs(variables, "val", ("embedding", "logits"))
+  want = full.outputs(variables, "val", ("embedding", "logits"))
+  for k in ("embedding", "logits"):
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_tail_needs_a_cut_between_two_outputs():
+  # Lite0's stage6 holds blocks 11-14: last:3 (block14, block15, head) cuts inside it;
+  # last:2 cuts after it and last:1 after stage7 (block15).
+  spec = registry.get("efficientnet_lite0", pretrained=False)
+  groups = segments.output_groups(spec.module, spec.outputs, 64)
+  assert segments.tail_start(groups, spec.blocks, 1) == "stage7"
+  assert segments.tail_start(groups, spec.blocks, 2) == "stage6"
+  with pytest.raises(ValueError, match=r"last:3'.*Use last:N for N in \[1, 2, 6, "):
+    segments.tail_start(groups, spec.blocks, 3)
+  with pytest.raises(ValueError, match="last:18'"):  # every block: nothing to cache
+    segments.tail_start(groups, spec.blocks, len(spec.blocks))

@@ -15,9 +15,11 @@ Under jax.jit, outputs nobody reads are never computed.
 
 `net.apply(variables, x, method='trunk')` runs everything before the head (the
 backbone; for the localized network also the box and crop) and
-`net.apply(variables, trunk_outputs, method='head')` only the layers after it, from a
-dict holding the trunk outputs in `Network.reads`: head-only training runs the trunk
-once per image and the head on its cached outputs.
+`Network.head_apply(variables, trunk_outputs)` only the layers after it, from a dict
+holding the trunk outputs in `Network.reads`: head-only training runs the trunk once per
+image and the head on its cached outputs. With `build(..., cached_tail=N)` the cut moves
+down into the backbone: the cached output is the one before the last N parameter
+groups (fgjax.models.segments.tail_start), and the head runs those groups first.
 
 Registered networks (impostor paper, section 4, "Compared approaches"; protocol step 1
 replaces the backbone's last fully-connected layer):
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 from fgjax import registries
 from fgjax.models import pooling as pooling_lib
 from fgjax.models import registry
+from fgjax.models import segments
 
 NETWORKS = registries.Registry("network", "config.model.net", name_attr="registered_name")
 register = NETWORKS.register
@@ -108,6 +111,16 @@ class PooledNet(nn.Module):
   def trunk(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """Everything before the head: here the backbone's outputs."""
     return self.backbone(x, train=train)
+
+  def cached_head(self, cached: dict[str, jax.Array], train: bool = False,
+                  start: Optional[str] = None) -> dict[str, jax.Array]:
+    """`head` on cached trunk outputs. With `start`, the backbone's segments after
+    output `start` run first, their BatchNorm on running statistics: what the
+    uncached 'frozen_bn' forward of a partly trainable backbone does."""
+    outputs = dict(cached)
+    if start is not None:
+      outputs.update(self.backbone(cached[start], train=False, start=start))
+    return self.head(outputs, train=train)
 
   def head(self, backbone_outputs: dict[str, jax.Array],
            train: bool = False) -> dict[str, jax.Array]:
@@ -239,6 +252,8 @@ class Network:
     spec: the backbone's registry spec; spec.variables are the initial (pretrained)
       backbone variables.
     reads: backbone outputs the head reads (what a head-only run caches).
+    cache_from: None, or the backbone output after which `head_apply` runs the
+      backbone's trainable tail (build's `cached_tail`).
     has_logits: whether outputs hold 'logits'.
     embedding_layer: name of the Dense that protocol step 3 rescales, or None.
     trunk_config: the config fields that decide the trunk's outputs.
@@ -252,6 +267,14 @@ class Network:
   embedding_layer: Optional[str]
   trunk_config: dict[str, Any]
   trunk_groups: tuple[str, ...]
+  cache_from: Optional[str] = None
+
+  def head_apply(self, variables: dict[str, Any], cached: dict[str, jax.Array],
+                 train: bool = False, **kwargs) -> dict[str, jax.Array]:
+    """The network's outputs after its cached trunk outputs `cached` ({read: array});
+    kwargs go to `module.apply` (e.g. rngs)."""
+    return self.module.apply(variables, cached, train=train, start=self.cache_from,
+                             method="cached_head", **kwargs)
 
   def init(self, seed: int, image_size: int) -> dict[str, Any]:
     """{'params', 'batch_stats'}: the backbone's variables plus freshly drawn heads.
@@ -265,8 +288,10 @@ class Network:
         lambda v, x: self.spec.module.apply(v, x, train=False), self.spec.variables,
         dummy)
     feats = {k: jnp.zeros(shapes[k].shape, shapes[k].dtype) for k in self.reads}
-    heads = dict(jax.jit(lambda r: self.module.init(r, feats, method="head"))(
-        jax.random.key(seed)))
+    # With cache_from this also draws the backbone's tail; the pretrained
+    # backbone variables replace it below.
+    heads = dict(jax.jit(lambda r: self.module.init(
+        r, feats, start=self.cache_from, method="cached_head"))(jax.random.key(seed)))
     # Layers of the trunk besides the backbone (a localization module) init on images.
     for method in self.module.trunk_init_methods:
       image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -299,7 +324,7 @@ class Network:
 
 
 def build(model_config: Any, num_classes: int, *, pretrained: Optional[bool] = None,
-          net: Optional[str] = None) -> Network:
+          net: Optional[str] = None, cached_tail: int = 0) -> Network:
   """The network of `model_config` (config.model) for `num_classes` classes.
 
   Args:
@@ -308,6 +333,9 @@ def build(model_config: Any, num_classes: int, *, pretrained: Optional[bool] = N
     num_classes: C.
     pretrained: overrides model_config.pretrained (an artifact loads its own weights).
     net: overrides model_config.net (a scheme preset names its network).
+    cached_tail: N > 0: the last N backbone parameter groups train on cached outputs
+      (config.model.trainable='last:N' with config.train.cache_features), so `reads`
+      is the backbone output before them (plus any earlier output the head reads).
   """
   name = net or model_config.get("net", "")
   cls = NETWORKS.get(name)
@@ -320,11 +348,17 @@ def build(model_config: Any, num_classes: int, *, pretrained: Optional[bool] = N
   spec = registry.get(model_config.backbone, pretrained=bool(use_weights),
                       weights_path=(model_config.get("weights_path") or None)
                       if use_weights else None)
+  reads = tuple(dict.fromkeys((pool.reads,) + cls.extra_reads(model_config)))
+  cache_from = None
+  if cached_tail:
+    groups = segments.output_groups(spec.module, spec.outputs, spec.input_size)
+    cache_from = segments.tail_start(groups, spec.blocks, cached_tail)
+    before = spec.outputs[:spec.outputs.index(cache_from)]
+    reads = tuple(r for r in reads if r in before) + (cache_from,)
   return Network(name=name, module=cls.create(spec, pool, model_config, num_classes),
-                 spec=spec,
-                 reads=tuple(dict.fromkeys((pool.reads,) + cls.extra_reads(model_config))),
+                 spec=spec, reads=reads,
                  has_logits=cls.has_logits,
                  embedding_layer=cls.embedding_layer,
                  trunk_config=cls.trunk_config(model_config),
-                 trunk_groups=cls.trunk_groups)
+                 trunk_groups=cls.trunk_groups, cache_from=cache_from)
 

@@ -11,6 +11,10 @@ computed. `stop='stage3'` runs up to stage3 and nothing after it; `start='stage3
 `x` as the stage3 output and continues from there, so sequential early exit runs a
 backbone piece by piece without computing anything twice. Each segment's layers have
 fixed names inside the backbone module, so the same variables serve every (start, stop).
+
+`tail_start(...)` finds where a backbone whose last N parameter groups train can be cut:
+the output computed from the frozen groups alone. Head-only training caches that output
+once per image and runs only the rest (fgjax.models.nets.build's `cached_tail`).
 """
 
 from typing import Any, Callable, Optional, Sequence
@@ -31,6 +35,39 @@ def _position(names: Sequence[str], name: str, what: str) -> int:
     raise ValueError(f"{what}={name!r} is not an output of this backbone; its outputs "
                      f"are {', '.join(names)}.")
   return list(names).index(name)
+
+
+def output_groups(backbone: nn.Module, outputs: Sequence[str],
+                  image_size: int) -> dict[str, frozenset[str]]:
+  """{output: the top-level parameter groups computing it} for each of `outputs`.
+
+  Read off the shapes of `backbone.init(..., stop=output)`: nothing is computed.
+  """
+  image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  key = jax.random.key(0)
+  return {o: frozenset(jax.eval_shape(
+      lambda x, o=o: backbone.init(key, x, stop=o), image)["params"]) for o in outputs}
+
+
+def tail_start(groups: dict[str, frozenset[str]], blocks: Sequence[str], n: int) -> str:
+  """The last output computed from `blocks[:-n]` alone: where `trainable='last:n'` can
+  cut the backbone. A ValueError lists the n that cut it between two outputs.
+
+  Args:
+    groups: output_groups of the backbone, in forward order.
+    blocks: the backbone's top-level parameter groups in forward order.
+    n: how many of the last blocks train.
+  """
+  frozen = frozenset(blocks[:-n] if n < len(blocks) else ())
+  starts = [o for o, g in groups.items() if g == frozen]
+  if not starts:
+    valid = sorted({len(blocks) - len(g) for g in groups.values() if 0 < len(g) < len(blocks)})
+    raise ValueError(
+        f"config.model.trainable='last:{n}' with config.train.cache_features=True: no "
+        f"backbone output is computed from exactly the {len(frozen)} frozen blocks, so "
+        f"there is nothing to cache (the cut falls inside a stage). Use last:N for N in "
+        f"{valid}, or config.train.cache_features=False.")
+  return starts[-1]
 
 
 def run_segments(segments: Sequence[Segment], x: jax.Array, start: Optional[str] = None,
