@@ -43,6 +43,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import sweep_rows  # noqa: E402
 from configs import common  # noqa: E402
 
 ROWS = ("gap", "gmp", "gkmp", "gkmp_lw", "gkmp_le", "localization", "weighted",
@@ -137,6 +138,20 @@ def _scores(r: dict, split: str) -> dict:
 _SOURCE = {"localization": "module", "weighted": "localization",
            "localization_more": "localization", "gkmp_le_more": "gkmp_le"}
 _KEEP_LR = ("weighted", "localization_more")
+# The row each row adds one part to (Table 5's steps, and the controls' references).
+_ADDS_TO = {"gmp": "gap", "gkmp": "gmp", "gkmp_lw": "gkmp", "gkmp_le": "gkmp",
+            "localization": "gkmp_le", "weighted": "localization",
+            "fixed_gkmp_le": "gkmp_le", "loose_gkmp_le": "gkmp_le",
+            "gkmp_le_more": "gkmp_le", "localization_more": "localization"}
+
+
+def _paired(done: dict, row: str, other: str) -> str:
+  """McNemar exact of two chosen rows on the test images: 'a / b, p'."""
+  if other not in done:
+    return "-"
+  t = sweep_rows.paired(*({"workdir": done[r]["workdir"],
+                           "classifier": done[r]["test"]["head"]} for r in (row, other)))
+  return f"{other}: {t['only_a_right']} / {t['only_b_right']}, p = {t['p_value']:.2g}"
 
 
 def _name(row: str, lr: float, done: dict) -> str:
@@ -187,13 +202,19 @@ def main(argv):
           f"test {done[row]['test']['top1']:.3f}", flush=True)
   print(f"\n{_DATASET.value}, EfficientNet-Lite0 trainable={depth}, {_EPOCHS.value} epochs, "
         f"{time.strftime('%Y-%m-%d %H:%M')}")
-  print("| row | classifier | lr (val) | val top-1 | test top-1 | test top-5 |")
-  print("|---|---|---|---|---|---|")
+  print("| row | classifier | lr (val) | val top-1 by lr | val top-1 | test top-1 | "
+        "test top-5 | McNemar vs the row it adds to (only this / only that right) | "
+        "vs gap |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for row in ROWS:
     if row in done:
       d = done[row]
-      print(f"| {row} | {d['test']['head']} | {d['lr']:g} | {d['val']['top1']:.3f} | "
-            f"{d['test']['top1']:.3f} | {d['test']['top5']:.3f} |")
+      by_lr = ", ".join(f"{float(k):g}: {v:.3f}" for k, v in sorted(
+          d["val_by_lr"].items(), key=lambda kv: float(kv[0])))
+      print(f"| {row} | {d['test']['head']} | {d['lr']:g} | {by_lr} | "
+            f"{d['val']['top1']:.3f} | {d['test']['top1']:.3f} | {d['test']['top5']:.3f} "
+            f"| {_paired(done, row, _ADDS_TO[row]) if row in _ADDS_TO else '-'} | "
+            f"{_paired(done, row, 'gap') if row != 'gap' else '-'} |")
 
 
 if __name__ == "__main__":
