@@ -9,15 +9,15 @@ paper's best).
 
 Scaled to a CPU budget: the ImageNet backbone stays frozen (trainable='head', not the
 paper's full fine-tuning of InceptionV3 for 200 epochs with SGD), Adam at 1e-3 (chosen
-on val over 3e-4 and 3e-3) decayed by a cosine schedule (a constant rate makes
-BAP heads on augmented inputs collapse, BENCHMARKS 17), and the up-sampler pre-trains on 4,096 synthetic pairs for 5
-epochs (the paper: 60,000 pairs, 100 epochs). The fine pass runs the backbone on the
-masked image every step, so no feature caching. With an accelerator:
---config.model.trainable=all --config.model.upsampler_pretrain_pairs=60000
+on val over 3e-4 and 3e-3) decayed by a cosine schedule (a constant rate makes BAP
+heads on augmented inputs collapse, BENCHMARKS 17), and the up-sampler pre-trains on
+4,096 synthetic pairs for 5 epochs (the paper: 60,000 pairs, 100 epochs). The fine
+pass runs the backbone on the masked image every step, so no feature caching. With an
+accelerator: --config.model.trainable=all --config.model.upsampler_pretrain_pairs=60000
 --config.model.upsampler_pretrain_epochs=100.
 
 Run (10 epochs, 1,520 steps; about an hour alone on the 2-core CPU, 88 minutes
-with the test suite beside it for 20):
+with the test suite beside it for 20 of them):
   python launch.py --config=configs/cars196_c2f.py --workdir=workdirs/cars196_c2f \
       --config.eval.extra_logits='("coarse_logits","fine_logits")'
 
@@ -25,8 +25,8 @@ Result (BENCHMARKS 17, 2026-12-07, run by benchmarks/attention_table.py with thi
 recipe at --epochs=10): test top-1 average .704 +- .009, coarse .671, fine .669
 (val .700 / .663 / .666). The average beats both heads (p = 2e-8 and 7e-10), as the
 paper finds, and bap + center on the same inputs by 3.4 points (.670, p = 4e-6). At
-3e-4 it scored .683 (val .687); at 3e-3 val .657. About 4 backbone passes a step: 0.4-0.45 step/s alone
-on the 2-core CPU.
+3e-4 it scored .683 (val .687); at 3e-3 val .657. About 4 backbone passes a step:
+0.4-0.45 step/s alone on the 2-core CPU.
 """
 
 from configs import common
