@@ -23,8 +23,9 @@ runs once per split); crop_drop, c2f and the _aug rows run the backbone on every
 step's images (random crop + flip as the pipeline gives, no cache). --schedule=cosine
 decays every row's rate to 0 (the group directory says so): at a constant Adam rate
 the BAP head on augmented inputs memorises the training set within two epochs and
-then falls apart (BENCHMARKS 17). Finished runs are read, not retrained; the summary
-is rewritten after every run:
+then falls apart (BENCHMARKS 17). Finished runs are read, not retrained. --rows and
+--lrs name the runs to train; the table (summary.json, table.md, lr_grid.png in the
+group directory) covers every finished run the group holds, rewritten after each run:
 
   python benchmarks/attention_table.py --dataset=cars196 --epochs=30 \\
       --rows=gap,bap,bap_center,bap_center_orth,bap_loose --lrs=3e-4,1e-3 \\
@@ -163,29 +164,14 @@ def markdown(chosen: list[dict], sweep: dict[str, list[dict]]) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  from fgjax import train  # pylint: disable=g-import-not-at-top
-  unknown = sorted(set(_ROWS.value) - set(ROWS))
-  if unknown:
-    raise app.UsageError(f"--rows names {unknown}; rows are {sorted(ROWS)}.")
-  group = group_dir()
-  os.makedirs(group, exist_ok=True)
+def report(group: str) -> None:
+  """Writes and prints the group's table over every finished run it holds."""
   sweep: dict[str, list[dict]] = {}
-  for row in _ROWS.value:
-    for lr in map(float, _LRS.value):
-      workdir = os.path.join(group, f"{row}_lr{lr:g}")
-      path = os.path.join(workdir, "results.json")
-      if not os.path.exists(path):
-        if _REPORT_ONLY.value:
-          continue
-        train.train_and_evaluate(config_for(row, lr), workdir)
-      with open(path) as f:
-        results = json.load(f)
-      for r in rows_of(row, lr, workdir, results):
-        sweep.setdefault(r["scheme"], []).append(r)
-      with open(os.path.join(group, "sweep.json"), "w") as f:
-        json.dump(sweep, f, indent=1)
+  for row, lr, _, workdir in sweep_rows.finished_runs(group, list(ROWS)):
+    with open(os.path.join(workdir, "results.json")) as f:
+      results = json.load(f)
+    for r in rows_of(row, lr, workdir, results):
+      sweep.setdefault(r["scheme"], []).append(r)
   chosen = [sweep_rows.choose(rows) for rows in sweep.values()]
   summary = {"chosen": chosen, "sweep": sweep}
   text = markdown(chosen, sweep)
@@ -200,6 +186,23 @@ def main(argv):
                   for k, t in tests.items())
   print(text)
   sweep_rows.write_summary(group, summary, text)
+
+
+def main(argv):
+  del argv
+  from fgjax import train  # pylint: disable=g-import-not-at-top
+  unknown = sorted(set(_ROWS.value) - set(ROWS))
+  if unknown:
+    raise app.UsageError(f"--rows names {unknown}; rows are {sorted(ROWS)}.")
+  group = group_dir()
+  os.makedirs(group, exist_ok=True)
+  for row in _ROWS.value:
+    for lr in map(float, _LRS.value):
+      workdir = os.path.join(group, f"{row}_lr{lr:g}")
+      if not (_REPORT_ONLY.value or os.path.exists(os.path.join(workdir, "results.json"))):
+        train.train_and_evaluate(config_for(row, lr), workdir)
+        report(group)  # after every run: a sweep cut short keeps its table
+  report(group)
 
 
 if __name__ == "__main__":

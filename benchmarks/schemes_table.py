@@ -10,7 +10,8 @@ entropy) and McNemar's paired test of the best impostor scheme against the ConvN
 
 A finished setting (its results.json exists) is read, not retrained, and the summary
 is rewritten after every run, so a sweep killed mid-way resumes where it stopped and
-loses nothing:
+loses nothing. The table covers every finished setting in the group directory, also
+those of earlier calls with other --schemes, --lrs or --sigmas:
 
   python benchmarks/schemes_table.py --dataset=cars196 --depth=head --epochs=30 \\
       --lrs=1e-5,3e-5,1e-4,3e-4,1e-3 --sigmas=0.2,0.5 \\
@@ -34,14 +35,15 @@ from benchmarks import sweep_rows  # noqa: E402
 from configs import common  # noqa: E402
 
 _NCA_SCHEMES = ("tied", "fixed", "loose")
+_ALL_SCHEMES = ("ce", "ce_extra") + _NCA_SCHEMES
 _OTHER = {"cars196": "birds525", "birds525": "cars196"}
 
 _DATASET = flags.DEFINE_string("dataset", "cars196", "Folder data set (common.folder_schemes).")
 _BACKBONE = flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone registry name.")
 _DEPTH = flags.DEFINE_string("depth", "head", "'head', 'last:N' or 'all'.")
 _EPOCHS = flags.DEFINE_integer("epochs", 30, "Training epochs of every run.")
-_SCHEMES = flags.DEFINE_list("schemes", ["ce", "ce_extra", "tied", "fixed", "loose"],
-                             "Schemes, in the table's order.")
+_SCHEMES = flags.DEFINE_list("schemes", list(_ALL_SCHEMES),
+                             "Schemes to train; they lead the table's order.")
 _LRS = flags.DEFINE_list("lrs", ["1e-4", "3e-4", "1e-3"], "Learning-rate grid.")
 _SIGMAS = flags.DEFINE_list("sigmas", ["0.2"], "Training-sigma grid of tied/fixed/loose.")
 _IMAGE_SIZE = flags.DEFINE_integer(
@@ -136,26 +138,14 @@ def markdown(chosen: list[dict], sweep: dict[str, list[dict]]) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  from fgjax import train  # pylint: disable=g-import-not-at-top
-  group = os.path.dirname(run_dir("ce", 1.0, 1.0))
-  os.makedirs(group, exist_ok=True)
+def report(group: str) -> None:
+  """Writes and prints the group's table over every finished run it holds."""
   sweep: dict[str, list[dict]] = {}
-  for scheme in _SCHEMES.value:
-    for lr, sigma in settings(scheme):
-      workdir = run_dir(scheme, lr, sigma)
-      path = os.path.join(workdir, "results.json")
-      if not os.path.exists(path):
-        if _REPORT_ONLY.value:
-          continue
-        train.train_and_evaluate(config_for(scheme, lr, sigma), workdir)
-      with open(path) as f:
-        sweep.setdefault(scheme, []).append(sweep_rows.row_of(
-            scheme, lr, sigma if scheme in _NCA_SCHEMES else None, workdir,
-            json.load(f)))
-      with open(os.path.join(group, "sweep.json"), "w") as f:
-        json.dump(sweep, f, indent=1)
+  order = list(dict.fromkeys(_SCHEMES.value + list(_ALL_SCHEMES)))
+  for scheme, lr, sigma, workdir in sweep_rows.finished_runs(group, order):
+    with open(os.path.join(workdir, "results.json")) as f:
+      sweep.setdefault(scheme, []).append(
+          sweep_rows.row_of(scheme, lr, sigma, workdir, json.load(f)))
   chosen = [sweep_rows.choose(rows) for rows in sweep.values()]
   summary = {"chosen": chosen, "sweep": sweep}
   by_scheme = {r["scheme"]: r for r in chosen}
@@ -173,6 +163,20 @@ def main(argv):
              f"{p['only_b_right']}, McNemar exact p = {p['p_value']:.3g}.")
   print(text)
   sweep_rows.write_summary(group, summary, text)
+
+
+def main(argv):
+  del argv
+  from fgjax import train  # pylint: disable=g-import-not-at-top
+  group = os.path.dirname(run_dir("ce", 1.0, 1.0))
+  os.makedirs(group, exist_ok=True)
+  for scheme in _SCHEMES.value:
+    for lr, sigma in settings(scheme):
+      workdir = run_dir(scheme, lr, sigma)
+      if not (_REPORT_ONLY.value or os.path.exists(os.path.join(workdir, "results.json"))):
+        train.train_and_evaluate(config_for(scheme, lr, sigma), workdir)
+        report(group)  # after every run: a sweep cut short keeps its table
+  report(group)
 
 
 if __name__ == "__main__":

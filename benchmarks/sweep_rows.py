@@ -5,6 +5,7 @@ summary comes with a picture of val top-1 against the learning rate (lr_grid.png
 
 import json
 import os
+import re
 import sys
 from typing import Optional
 
@@ -32,6 +33,27 @@ def classifier(results: dict) -> str:
 def _scores(split: dict, head: str) -> dict:
   # Extra softmax heads (config.eval.extra_logits) sit under 'heads'.
   return split[head] if head in ("rbf", "softmax") else split["heads"][head]
+
+
+_RUN_NAME = re.compile(r"(?P<row>.+?)_lr(?P<lr>[0-9.eE+-]+)(?:_s(?P<sigma>[0-9.eE+-]+))?")
+
+
+def finished_runs(group: str, rows) -> list[tuple[str, float, Optional[float], str]]:
+  """(row, lr, sigma or None, workdir) of every finished run in `group`: a directory
+  named `<row>_lr<lr>[_s<sigma>]` (the table scripts' names) that holds results.json,
+  for the rows in `rows`; in the order of `rows`, then by lr and sigma (grid order, for
+  `choose`'s ties). The tables are built from these, so a call that trains one run
+  reports it beside every run the group already holds instead of overwriting the
+  group's summary with that one run."""
+  found = []
+  for name in os.listdir(group) if os.path.isdir(group) else []:
+    m = _RUN_NAME.fullmatch(name)
+    workdir = os.path.join(group, name)
+    if m and m["row"] in rows and os.path.exists(os.path.join(workdir, "results.json")):
+      sigma = None if m["sigma"] is None else float(m["sigma"])
+      found.append((m["row"], float(m["lr"]), sigma, workdir))
+  order = {row: i for i, row in enumerate(rows)}
+  return sorted(found, key=lambda f: (order[f[0]], f[1], f[2] or 0.0))
 
 
 def row_of(name: str, lr: float, sigma: Optional[float], workdir: str, results: dict,

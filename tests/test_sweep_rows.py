@@ -1,5 +1,10 @@
 """benchmarks/sweep_rows.py: the table scripts' rows, choice on val, paired test."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -98,3 +103,75 @@ def test_write_summary_draws_the_lr_grid_only_for_a_grid(tmp_path):
                            "t")
   assert not (one / "lr_grid.png").exists()
   assert (one / "summary.json").exists()
+
+
+def _finished(group, name, val, test, labels=None, pred=None):
+  run = group / name
+  run.mkdir(parents=True)
+  (run / "results.json").write_text(json.dumps(results(val, test)))
+  if labels is not None:
+    np.savez(run / "predictions.npz", test_label=labels, test_softmax=pred)
+  return str(run)
+
+
+def test_finished_runs_reads_every_run_of_the_group_in_grid_order(tmp_path):
+  for name in ("bap_center_aug_lr0.0003", "bap_center_aug_lr3e-05", "gap_aug_lr0.01",
+               "loose_lr0.001_s0.5", "loose_lr0.001_s0.2", "gap_lr0.001"):
+    _finished(tmp_path, name, 0.5, 0.5)
+  (tmp_path / "c2f_lr0.001").mkdir()            # still training: no results.json
+  (tmp_path / "module__gkmp_le_lr0.001").mkdir()  # not a table run's name
+  (tmp_path / "lr_grid.png").write_bytes(b"")
+  found = sweep_rows.finished_runs(str(tmp_path), ["gap_aug", "bap_center_aug", "c2f",
+                                                   "loose"])
+  assert [(r, lr, s) for r, lr, s, _ in found] == [
+      ("gap_aug", 1e-2, None), ("bap_center_aug", 3e-5, None),
+      ("bap_center_aug", 3e-4, None), ("loose", 1e-3, 0.2), ("loose", 1e-3, 0.5)]
+  assert found[0][3] == str(tmp_path / "gap_aug_lr0.01")
+  assert sweep_rows.finished_runs(str(tmp_path / "absent"), ["gap"]) == []
+
+
+def test_attention_table_reports_every_finished_run_not_only_the_named_ones(tmp_path):
+  group = tmp_path / "cars196_224px_10ep_cosine"
+  labels = np.arange(20) % 4
+  wrong = (labels + 1) % 4
+  _finished(group, "gap_aug_lr0.01", 0.60, 0.60, labels, np.where(np.arange(20) < 8,
+                                                                  wrong, labels))
+  _finished(group, "bap_center_aug_lr0.0003", 0.68, 0.70, labels,
+            np.where(np.arange(20) < 2, wrong, labels))
+  _finished(group, "bap_center_aug_lr0.001", 0.66, 0.75, labels, labels)
+  out = subprocess.run(
+      [sys.executable, "benchmarks/attention_table.py", "--dataset=cars196",
+       "--epochs=10", "--schedule=cosine", "--baseline=gap_aug", "--rows=gap_aug",
+       "--lrs=1e-2", f"--workdir={tmp_path}", "--report_only"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, check=True)
+  summary = json.loads((group / "summary.json").read_text())
+  assert {k: [r["lr"] for r in v] for k, v in summary["sweep"].items()} == {
+      "gap_aug": [1e-2], "bap_center_aug": [3e-4, 1e-3]}
+  chosen = {r["scheme"]: r["lr"] for r in summary["chosen"]}
+  assert chosen == {"gap_aug": 1e-2, "bap_center_aug": 3e-4}  # by val, not by test
+  t = summary["paired_vs_baseline"]["tests"]["bap_center_aug"]
+  assert (t["only_a_right"], t["only_b_right"]) == (6, 0)
+  assert "bap_center_aug" in out.stdout and (group / "table.md").exists()
+
+
+def test_schemes_table_reports_runs_of_earlier_calls_with_their_sigmas(tmp_path):
+  group = tmp_path / "cars196_efficientnet_lite0_head"
+  labels = np.arange(20) % 4
+  _finished(group, "ce_lr0.001", 0.60, 0.60, labels, labels)
+  for name, val in (("loose_lr0.001_s0.2", 0.62), ("loose_lr0.001_s0.5", 0.66)):
+    run = group / name
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(results(val, 0.65, head="rbf")))
+    np.savez(run / "predictions.npz", test_label=labels,
+             test_rbf=np.where(np.arange(20) < 3, (labels + 1) % 4, labels))
+  subprocess.run(
+      [sys.executable, "benchmarks/schemes_table.py", "--dataset=cars196",
+       "--schemes=ce", "--lrs=1e-3", f"--workdir={tmp_path}", "--report_only"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, check=True)
+  summary = json.loads((group / "summary.json").read_text())
+  assert [(r["scheme"], r["train_sigma"]) for r in summary["sweep"]["loose"]] == [
+      ("loose", 0.2), ("loose", 0.5)]
+  assert summary["paired"]["best_impostor"] == "loose"
+  assert (summary["paired"]["only_a_right"], summary["paired"]["only_b_right"]) == (0, 3)
