@@ -57,13 +57,13 @@ register = TERMS.register
 names = TERMS.names
 
 
+# The norm below which the losses' features and centers are not scaled up: a zero row
+# (the class means and centers start at zero) stays zero.
+_UNIT_EPS = 1e-6
+
+
 def _valid_mean(per_example: jax.Array, weights: jax.Array) -> jax.Array:
   return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-
-
-def _unit_rows(f: jax.Array) -> jax.Array:
-  # rsqrt of a clamped square norm: finite value and gradient at f = 0.
-  return f * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(f), -1, keepdims=True), 1e-12))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +208,7 @@ class _ClassMeanTerm(Term):
 
   def _features(self, outputs):
     f = outputs[self.input].astype(jnp.float32)
-    return _unit_rows(f) if self.normalize else f
+    return losses.l2_normalize(f, _UNIT_EPS) if self.normalize else f
 
 
 @register("center")
@@ -282,7 +282,8 @@ class AttentionCenter(Term):
     labels = jnp.tile(batch["label"], len(inputs))
     weights = jnp.tile(batch["valid"].astype(jnp.float32), len(inputs))
     centers = jax.lax.stop_gradient(centers)
-    ref = (_unit_rows(centers.reshape(centers.shape[0], -1)).reshape(centers.shape)
+    ref = (losses.l2_normalize(centers.reshape(centers.shape[0], -1),
+                                _UNIT_EPS).reshape(centers.shape)
            if self.normalize_center else centers)
     loss = _valid_mean(losses.attention_center_loss(f, labels, ref), weights)
     new_centers = losses.update_attention_centers(

@@ -159,11 +159,12 @@ def lr_curves(path: str, sweep: dict[str, list[dict]], labels: dict[str, str],
   """Writes a PNG of val top-1 against the learning rate (log axis), one line per row
   of a sweep, each row's chosen rate ringed: a choice at its grid's edge, or a flat
   curve, shows at a glance. Where a row tried several settings at one rate (e.g.
-  sigma), the line follows the best of them.
+  sigma), the line follows the best of them. A rate whose runs all diverged (val_top1
+  None) is an x on the plot's floor.
 
   Args:
     path: the PNG to write.
-    sweep: {row: [{'lr': float, 'val_top1': float, ...}, ...]}, any order.
+    sweep: {row: [{'lr': float, 'val_top1': float or None, ...}, ...]}, any order.
     labels: {row: legend label}.
     chosen: {row: the rate chosen on val}.
     title: the figure title.
@@ -174,16 +175,23 @@ def lr_curves(path: str, sweep: dict[str, list[dict]], labels: dict[str, str],
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  failed = []
   for name, rows in sweep.items():
     best_at: dict[float, float] = {}
     for r in rows:
-      best_at[r["lr"]] = max(best_at.get(r["lr"], -1.0), r["val_top1"])
+      if r["val_top1"] is not None:
+        best_at[r["lr"]] = max(best_at.get(r["lr"], -1.0), r["val_top1"])
     pts = sorted(best_at.items())
     line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4,
                     label=labels.get(name, name))
     best = [v for lr, v in pts if lr == chosen.get(name)]
     if best:
       ax.plot([chosen[name]], best[:1], "o", ms=11, mfc="none", c=line.get_color())
+    failed.append((sorted({r["lr"] for r in rows} - set(best_at)), line.get_color()))
+  floor = ax.get_ylim()[0]
+  for lrs, color in failed:
+    if lrs:
+      ax.plot(lrs, [floor] * len(lrs), "x", ms=9, mew=2, c=color, clip_on=False)
   ax.set_xscale("log")
   ax.set_xlabel("learning rate")
   ax.set_ylabel("val top-1")

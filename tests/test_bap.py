@@ -49,6 +49,36 @@ def test_bap_matches_numpy():
   np.testing.assert_allclose(np.linalg.norm(part.reshape(2, -1), axis=1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("zero", ["attention", "features", "both"])
+def test_bap_gradients_are_finite_at_zero_inputs(zero):
+  # A ReLU attention map that is zero over a whole image made the l2 normalisation's
+  # gradient 0 / 0 = NaN and killed a Coarse2Fine run at step 36 (BENCHMARKS 17).
+  rng = np.random.default_rng(1)
+  f = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+  a = rng.uniform(size=(2, 3, 3, 2)).astype(np.float32)
+  if zero in ("attention", "both"):
+    a[0] = 0.0  # image 0: every map zero; image 1 keeps its maps
+  if zero in ("features", "both"):
+    f[0] = 0.0
+  weights = jnp.asarray(rng.normal(size=(2, 8)).astype(np.float32))
+
+  def loss(f, a):
+    return jnp.sum(bap.bilinear_attention_pool(f, a, 100.0)[1] * weights)
+
+  value, (gf, ga) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(f, a)
+  assert np.isfinite(value) and np.all(np.isfinite(gf)) and np.all(np.isfinite(ga))
+  part = bap.bilinear_attention_pool(f, a, 100.0)[0]
+  np.testing.assert_array_equal(part[0], 0.0)  # a zero image stays zero, not NaN
+  np.testing.assert_allclose(np.linalg.norm(part[1].reshape(-1)), 1.0, rtol=1e-6)
+  # The other image's gradient is that of the plain formula (NumPy-free check: the
+  # same loss on image 1 alone).
+  _, (gf1, ga1) = jax.value_and_grad(
+      lambda f, a: jnp.sum(bap.bilinear_attention_pool(f, a, 100.0)[1] * weights[1:]),
+      argnums=(0, 1))(f[1:], a[1:])
+  np.testing.assert_allclose(gf[1:], gf1, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ga[1:], ga1, rtol=1e-5, atol=1e-6)
+
+
 def test_orthogonal_init_gives_orthonormal_filters():
   kernel = bap.orthogonal_kernel_init()(jax.random.key(0), (1, 1, 16, 6))
   k = np.asarray(kernel).reshape(16, 6)

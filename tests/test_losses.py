@@ -374,3 +374,25 @@ def test_elope_weights_zero_rows_change_nothing():
     losses.update_class_means(means, f, labels, 0.4, w[:3])
   with pytest.raises(ValueError, match="weights"):
     losses.elope_loss(f, labels, means, 0.4, 2.0, 1.5, -w)
+
+
+def test_l2_normalize_matches_numpy_and_keeps_zero_rows_differentiable():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4, 6)).astype(np.float32)
+  x[2] = 0.0
+  x[3] = 1e-14  # norm below eps: divided by eps, not by its own norm
+  want = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  np.testing.assert_allclose(losses.l2_normalize(jnp.asarray(x)), want, rtol=1e-6)
+  np.testing.assert_allclose(losses.l2_normalize(jnp.asarray(x), 1e-6),
+                             x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6),
+                             rtol=1e-6)
+  w = rng.normal(size=(4, 6)).astype(np.float32)
+  g = jax.grad(lambda x: jnp.sum(losses.l2_normalize(x) * w))(jnp.asarray(x))
+  assert np.all(np.isfinite(g))
+  # Row 0's gradient is the projection of w off the unit vector, over the norm.
+  u = x[0] / np.linalg.norm(x[0])
+  np.testing.assert_allclose(g[0], (w[0] - u * (u @ w[0])) / np.linalg.norm(x[0]),
+                             rtol=1e-5, atol=1e-6)
+  bf = losses.l2_normalize(jnp.asarray(x, jnp.bfloat16))
+  assert bf.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bf, np.float32), want, atol=1e-2)

@@ -13,6 +13,8 @@
 * `attention_center_loss`, `update_attention_centers`: Coarse2Fine eq. (2)-(3) / WS-DAN.
 * `squared_distances`, `rbf_logits`, `masked_logsumexp`: kernel helpers shared
   with `fgjax.impostors`.
+* `l2_normalize`: unit rows with a finite gradient at zero (ELoPE's and BAP's
+  normalised features, WS-DAN's normalised centers).
 """
 
 from fgjax.losses.attention import attention_center_loss
@@ -22,6 +24,7 @@ from fgjax.losses.center import center_loss
 from fgjax.losses.elope import elope_loss
 from fgjax.losses.elope import update_class_means
 from fgjax.losses.knn_nca import knn_nca_loss
+from fgjax.losses.nca import l2_normalize
 from fgjax.losses.nca import masked_logsumexp
 from fgjax.losses.nca import nca_loss
 from fgjax.losses.nca import rbf_logits
@@ -31,6 +34,6 @@ from fgjax.losses.soft_nca import soft_nca_loss
 __all__ = [
     "attachment_loss", "attention_center_loss", "update_attention_centers",
     "center_loss", "elope_loss", "update_class_means",
-    "knn_nca_loss", "masked_logsumexp", "nca_loss", "rbf_logits", "soft_nca_loss",
+    "knn_nca_loss", "l2_normalize", "masked_logsumexp", "nca_loss", "rbf_logits", "soft_nca_loss",
     "squared_distances",
 ]

@@ -35,6 +35,26 @@ import jax.numpy as jnp
 from fgjax.losses import _checks
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) over the last axis, with a finite gradient at x = 0.
+
+  The obvious `x / jnp.maximum(jnp.linalg.norm(x), eps)` has the same value and a NaN
+  gradient at x = 0: the norm's derivative there is 0 / 0, and the clamp's zero times
+  NaN stays NaN. A ReLU attention map that is zero over a whole image reaches x = 0 in
+  training (BAP, BENCHMARKS 17). Here the clamp acts on the squared norm, whose
+  derivative at 0 is 0. The norm is computed in float32 at least.
+
+  Args:
+    x: (..., D) float.
+    eps: the smallest norm divided by.
+  Returns:
+    (..., D) of x's dtype: unit rows, zero rows stay zero.
+  """
+  wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16 sums lose digits
+  sq = jnp.sum(jnp.square(wide), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps)).astype(x.dtype)
+
+
 def squared_distances(queries: jax.Array, centers: jax.Array) -> jax.Array:
   """Pairwise squared L2 distances ||q_i - c_j||^2, clamped at 0.
 

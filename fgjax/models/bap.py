@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fgjax import losses
 from fgjax.models import batch_norm
 from fgjax.models import layers
 from fgjax.models import localize
@@ -73,7 +74,7 @@ def bilinear_attention_pool(features: jax.Array, attention: jax.Array,
   pooled = jnp.einsum("nhwm,nhwc->nmc", attention, features) / (h * w)
   pooled = jnp.sign(pooled) * jnp.sqrt(jnp.abs(pooled) + _EPS)
   flat = pooled.reshape(n, -1)
-  unit = flat / jnp.maximum(jnp.linalg.norm(flat, axis=-1, keepdims=True), _EPS)
+  unit = losses.l2_normalize(flat, _EPS)  # finite gradients for an all-zero map
   return unit.reshape(pooled.shape), scale * unit
 
 

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fgjax import losses
 from fgjax import registries
 
 # The paper's setting for every experiment (section 3, Fig. 7).
@@ -63,7 +64,7 @@ def exit_features(x: jax.Array) -> jax.Array:
   """The exit branch of sequential early exit (Savchenko 2021): GAP, then
   l2-normalisation: (N, H, W, C) -> (N, C); a pooled (N, C) input is only normalised."""
   x = x if x.ndim == 2 else global_avg_pool(x)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  return losses.l2_normalize(x)
 
 
 def global_max_pool(x: jax.Array) -> jax.Array:
