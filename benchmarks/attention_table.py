@@ -137,11 +137,16 @@ def group_dir() -> str:
                       f"{_DATASET.value}_{_IMAGE_SIZE.value}px_{_EPOCHS.value}ep{suffix}")
 
 
-def rows_of(row: str, lr: float, workdir: str, results: dict) -> list[dict]:
-  """One table row per inference mode of the run (one for most recipes)."""
+def rows_of(row: str, lr: float, workdir: str) -> list[dict]:
+  """One table row per inference mode of the finished run (one for most recipes)."""
   modes = ROWS[row][1] or {row: None}
-  return [sweep_rows.row_of(name, lr, 0.5 if row == "bap_loose" else None, workdir,
-                            results, head=head) for name, head in modes.items()]
+  sigma = 0.5 if row == "bap_loose" else None
+  if not os.path.exists(os.path.join(workdir, "results.json")):
+    return [sweep_rows.diverged_row(name, lr, sigma, workdir) for name in modes]
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  return [sweep_rows.row_of(name, lr, sigma, workdir, results, head=head)
+          for name, head in modes.items()]
 
 
 def markdown(chosen: list[dict], sweep: dict[str, list[dict]]) -> str:
@@ -152,7 +157,7 @@ def markdown(chosen: list[dict], sweep: dict[str, list[dict]]) -> str:
            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
            "| row | lr: val top-1 |", "|---|---|"]
   for name, rows in sweep.items():
-    lines.append(f"| {name} | " + ", ".join(f"{r['lr']:g}: {r['val_top1']:.3f}"
+    lines.append(f"| {name} | " + ", ".join(f"{r['lr']:g}: {sweep_rows.val_cell(r)}"
                                            for r in rows) + " |")
   lines += ["", "| row | classifier | lr | val top-1 | **test top-1 ± SE** | test top-5 "
             "| ECE | train s |", "|" + "---|" * 8]
@@ -168,11 +173,9 @@ def report(group: str) -> None:
   """Writes and prints the group's table over every finished run it holds."""
   sweep: dict[str, list[dict]] = {}
   for row, lr, _, workdir in sweep_rows.finished_runs(group, list(ROWS)):
-    with open(os.path.join(workdir, "results.json")) as f:
-      results = json.load(f)
-    for r in rows_of(row, lr, workdir, results):
+    for r in rows_of(row, lr, workdir):
       sweep.setdefault(r["scheme"], []).append(r)
-  chosen = [sweep_rows.choose(rows) for rows in sweep.values()]
+  chosen = [c for c in map(sweep_rows.choose, sweep.values()) if c is not None]
   summary = {"chosen": chosen, "sweep": sweep}
   text = markdown(chosen, sweep)
   by_name = {r["scheme"]: r for r in chosen}
@@ -190,7 +193,6 @@ def report(group: str) -> None:
 
 def main(argv):
   del argv
-  from fgjax import train  # pylint: disable=g-import-not-at-top
   unknown = sorted(set(_ROWS.value) - set(ROWS))
   if unknown:
     raise app.UsageError(f"--rows names {unknown}; rows are {sorted(ROWS)}.")
@@ -199,8 +201,8 @@ def main(argv):
   for row in _ROWS.value:
     for lr in map(float, _LRS.value):
       workdir = os.path.join(group, f"{row}_lr{lr:g}")
-      if not (_REPORT_ONLY.value or os.path.exists(os.path.join(workdir, "results.json"))):
-        train.train_and_evaluate(config_for(row, lr), workdir)
+      if not (_REPORT_ONLY.value or sweep_rows.is_finished(workdir)):
+        sweep_rows.train_run(config_for(row, lr), workdir)
         report(group)  # after every run: a sweep cut short keeps its table
   report(group)
 

@@ -119,7 +119,7 @@ def markdown(chosen: list[dict], sweep: dict[str, list[dict]]) -> str:
   for scheme, rows in sweep.items():
     cells = ", ".join(
         f"lr {r['lr']:g}" + (f" s {r['train_sigma']:g}" if r["train_sigma"] else "")
-        + f": {r['val_top1']:.3f}" for r in rows)
+        + f": {sweep_rows.val_cell(r)}" for r in rows)
     lines.append(f"| {scheme} | {cells} |")
   lines += ["", "| scheme | classifier | lr | train sigma | val top-1 | **test top-1 "
             "± SE** | test top-5 | test sigma | ECE | NLL | ECE / NLL, temp.-scaled | "
@@ -143,10 +143,14 @@ def report(group: str) -> None:
   sweep: dict[str, list[dict]] = {}
   order = list(dict.fromkeys(_SCHEMES.value + list(_ALL_SCHEMES)))
   for scheme, lr, sigma, workdir in sweep_rows.finished_runs(group, order):
-    with open(os.path.join(workdir, "results.json")) as f:
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+      sweep.setdefault(scheme, []).append(sweep_rows.diverged_row(scheme, lr, sigma, workdir))
+      continue
+    with open(path) as f:
       sweep.setdefault(scheme, []).append(
           sweep_rows.row_of(scheme, lr, sigma, workdir, json.load(f)))
-  chosen = [sweep_rows.choose(rows) for rows in sweep.values()]
+  chosen = [c for c in map(sweep_rows.choose, sweep.values()) if c is not None]
   summary = {"chosen": chosen, "sweep": sweep}
   by_scheme = {r["scheme"]: r for r in chosen}
   impostor = [r for r in chosen if r["classifier"] == "rbf"]
@@ -167,14 +171,13 @@ def report(group: str) -> None:
 
 def main(argv):
   del argv
-  from fgjax import train  # pylint: disable=g-import-not-at-top
   group = os.path.dirname(run_dir("ce", 1.0, 1.0))
   os.makedirs(group, exist_ok=True)
   for scheme in _SCHEMES.value:
     for lr, sigma in settings(scheme):
       workdir = run_dir(scheme, lr, sigma)
-      if not (_REPORT_ONLY.value or os.path.exists(os.path.join(workdir, "results.json"))):
-        train.train_and_evaluate(config_for(scheme, lr, sigma), workdir)
+      if not (_REPORT_ONLY.value or sweep_rows.is_finished(workdir)):
+        sweep_rows.train_run(config_for(scheme, lr, sigma), workdir)
         report(group)  # after every run: a sweep cut short keeps its table
   report(group)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fgjax import divergence  # noqa: E402
 from fgjax import stats  # noqa: E402
 from fgjax import visualize  # noqa: E402
 
@@ -35,13 +36,46 @@ def _scores(split: dict, head: str) -> dict:
   return split[head] if head in ("rbf", "softmax") else split["heads"][head]
 
 
+DIVERGED = "diverged.json"
+
+
+def train_run(config, workdir: str) -> None:
+  """Trains one setting of a sweep. A run that diverges (fgjax.divergence) is a result
+  of its setting, not a failure of the sweep: <workdir>/diverged.json records why, the
+  sweep goes on to its next setting, and the table shows the rate as diverged."""
+  from fgjax import train  # pylint: disable=g-import-not-at-top
+  try:
+    train.train_and_evaluate(config, workdir)
+  except divergence.TrainingDiverged as e:
+    with open(os.path.join(workdir, DIVERGED), "w") as f:
+      json.dump({"message": str(e)}, f, indent=1)
+    print(f"{workdir}: {e}", flush=True)
+
+
+def is_finished(workdir: str) -> bool:
+  """A setting that trained to its end (results.json) or diverged (diverged.json)."""
+  return any(os.path.exists(os.path.join(workdir, f)) for f in ("results.json", DIVERGED))
+
+
+def diverged_row(name: str, lr: float, sigma: Optional[float], workdir: str) -> dict:
+  """The sweep row of a diverged setting: no scores, the reason under 'diverged'."""
+  with open(os.path.join(workdir, DIVERGED)) as f:
+    why = json.load(f)["message"]
+  return {"scheme": name, "lr": lr, "train_sigma": sigma, "workdir": workdir,
+          "val_top1": None, "diverged": why}
+
+
+def val_cell(row: dict) -> str:
+  return "diverged" if row.get("diverged") else f"{row['val_top1']:.3f}"
+
+
 _RUN_NAME = re.compile(r"(?P<row>.+?)_lr(?P<lr>[0-9.eE+-]+)(?:_s(?P<sigma>[0-9.eE+-]+))?")
 
 
 def finished_runs(group: str, rows) -> list[tuple[str, float, Optional[float], str]]:
   """(row, lr, sigma or None, workdir) of every finished run in `group`: a directory
-  named `<row>_lr<lr>[_s<sigma>]` (the table scripts' names) that holds results.json,
-  for the rows in `rows`; in the order of `rows`, then by lr and sigma (grid order, for
+  named `<row>_lr<lr>[_s<sigma>]` (the table scripts' names) that `is_finished`, for
+  the rows in `rows`; in the order of `rows`, then by lr and sigma (grid order, for
   `choose`'s ties). The tables are built from these, so a call that trains one run
   reports it beside every run the group already holds instead of overwriting the
   group's summary with that one run."""
@@ -49,7 +83,7 @@ def finished_runs(group: str, rows) -> list[tuple[str, float, Optional[float], s
   for name in os.listdir(group) if os.path.isdir(group) else []:
     m = _RUN_NAME.fullmatch(name)
     workdir = os.path.join(group, name)
-    if m and m["row"] in rows and os.path.exists(os.path.join(workdir, "results.json")):
+    if m and m["row"] in rows and is_finished(workdir):
       sigma = None if m["sigma"] is None else float(m["sigma"])
       found.append((m["row"], float(m["lr"]), sigma, workdir))
   order = {row: i for i, row in enumerate(rows)}
@@ -83,9 +117,11 @@ def row_of(name: str, lr: float, sigma: Optional[float], workdir: str, results: 
   return row
 
 
-def choose(rows: list[dict]) -> dict:
-  """The row with the best val top-1; the first in grid order on ties."""
-  return max(enumerate(rows), key=lambda ir: (ir[1]["val_top1"], -ir[0]))[1]
+def choose(rows: list[dict]) -> Optional[dict]:
+  """The row with the best val top-1; the first in grid order on ties. Diverged rows
+  are never chosen; None when every row diverged."""
+  done = [(i, r) for i, r in enumerate(rows) if r["val_top1"] is not None]
+  return max(done, key=lambda ir: (ir[1]["val_top1"], -ir[0]))[1] if done else None
 
 
 def grid_edge(rows: list[dict], chosen: dict) -> Optional[str]:
@@ -129,8 +165,10 @@ def write_summary(group: str, summary: dict, text: str) -> None:
   chosen = {r["scheme"]: r for r in summary["chosen"]}
   labels = {}
   for name, rows in sweep.items():
-    edge = grid_edge(rows, chosen[name])
-    if len({r["lr"] for r in rows}) == 1:
+    edge = grid_edge(rows, chosen[name]) if name in chosen else None
+    if name not in chosen:
+      labels[name] = f"{name} (diverged at every rate)"
+    elif len({r["lr"] for r in rows}) == 1:
       labels[name] = f"{name} (one rate only)"
     else:
       labels[name] = name + (f" (chosen at the grid's {edge} rate)" if edge else "")

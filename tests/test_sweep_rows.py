@@ -45,6 +45,34 @@ def test_row_of_reads_the_runs_own_classifier_and_extra_heads():
 def test_choose_takes_the_best_val_and_the_first_on_ties():
   rows = [{"val_top1": 0.5, "i": 0}, {"val_top1": 0.7, "i": 1}, {"val_top1": 0.7, "i": 2}]
   assert sweep_rows.choose(rows)["i"] == 1
+  diverged = {"val_top1": None, "diverged": "nan", "i": 3}
+  assert sweep_rows.choose([diverged] + rows)["i"] == 1
+  assert sweep_rows.choose([diverged]) is None
+
+
+def test_train_run_records_a_diverged_setting_and_lets_the_sweep_go_on(tmp_path,
+                                                                      monkeypatch):
+  from fgjax import divergence
+  from fgjax import train
+
+  def diverge(config, workdir):
+    os.makedirs(workdir)
+    raise divergence.TrainingDiverged(f"training diverged at step 36 ({config})")
+
+  monkeypatch.setattr(train, "train_and_evaluate", diverge)
+  run = tmp_path / "c2f_lr0.001"
+  assert not sweep_rows.is_finished(str(run))
+  sweep_rows.train_run("cfg", str(run))
+  assert sweep_rows.is_finished(str(run))
+  row = sweep_rows.diverged_row("c2f_average", 1e-3, None, str(run))
+  assert row["val_top1"] is None and "step 36 (cfg)" in row["diverged"]
+  assert sweep_rows.val_cell(row) == "diverged"
+  assert sweep_rows.val_cell({"val_top1": 0.5}) == "0.500"
+  # Any other error is the sweep's to see.
+  monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: 1 / 0)
+  with pytest.raises(ZeroDivisionError):
+    sweep_rows.train_run("cfg", str(tmp_path / "c2f_lr0.003"))
+  assert not sweep_rows.is_finished(str(tmp_path / "c2f_lr0.003"))
 
 
 def test_paired_counts_discordant_images(tmp_path):
@@ -88,7 +116,7 @@ def test_grid_edge_names_the_end_a_choice_sits_on():
 def test_write_summary_draws_the_lr_grid_only_for_a_grid(tmp_path):
   plt = pytest.importorskip("matplotlib.pyplot", reason="optional 'plots' extra")
   sweep = {"gap": [{"scheme": "gap", "lr": lr, "val_top1": v}
-                   for lr, v in ((1e-3, 0.60), (3e-4, 0.59), (3e-3, 0.56))],
+                   for lr, v in ((1e-3, 0.60), (3e-4, 0.59), (3e-3, 0.56), (1e-2, None))],
            "bap": [{"scheme": "bap", "lr": 3e-4, "val_top1": 0.53}]}
   chosen = [sweep_rows.choose(rows) for rows in sweep.values()]
   assert [r["lr"] for r in chosen] == [1e-3, 3e-4]
@@ -139,6 +167,9 @@ def test_attention_table_reports_every_finished_run_not_only_the_named_ones(tmp_
   _finished(group, "bap_center_aug_lr0.0003", 0.68, 0.70, labels,
             np.where(np.arange(20) < 2, wrong, labels))
   _finished(group, "bap_center_aug_lr0.001", 0.66, 0.75, labels, labels)
+  (group / "bap_center_aug_lr0.003").mkdir()
+  (group / "bap_center_aug_lr0.003" / sweep_rows.DIVERGED).write_text(
+      json.dumps({"message": "training diverged at step 50: loss is nan"}))
   out = subprocess.run(
       [sys.executable, "benchmarks/attention_table.py", "--dataset=cars196",
        "--epochs=10", "--schedule=cosine", "--baseline=gap_aug", "--rows=gap_aug",
@@ -147,7 +178,8 @@ def test_attention_table_reports_every_finished_run_not_only_the_named_ones(tmp_
       capture_output=True, text=True, check=True)
   summary = json.loads((group / "summary.json").read_text())
   assert {k: [r["lr"] for r in v] for k, v in summary["sweep"].items()} == {
-      "gap_aug": [1e-2], "bap_center_aug": [3e-4, 1e-3]}
+      "gap_aug": [1e-2], "bap_center_aug": [3e-4, 1e-3, 3e-3]}
+  assert "0.0003: 0.680, 0.001: 0.660, 0.003: diverged" in out.stdout
   chosen = {r["scheme"]: r["lr"] for r in summary["chosen"]}
   assert chosen == {"gap_aug": 1e-2, "bap_center_aug": 3e-4}  # by val, not by test
   t = summary["paired_vs_baseline"]["tests"]["bap_center_aug"]
