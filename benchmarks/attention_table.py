@@ -32,7 +32,6 @@ group directory) covers every finished run the group holds, rewritten after each
       --workdir=/work/runs/attention --feature_cache_dir=/work/runs/fcache
 """
 
-import json
 import os
 import platform
 import sys
@@ -137,18 +136,6 @@ def group_dir() -> str:
                       f"{_DATASET.value}_{_IMAGE_SIZE.value}px_{_EPOCHS.value}ep{suffix}")
 
 
-def rows_of(row: str, lr: float, workdir: str) -> list[dict]:
-  """One table row per inference mode of the finished run (one for most recipes)."""
-  modes = ROWS[row][1] or {row: None}
-  sigma = 0.5 if row == "bap_loose" else None
-  if not os.path.exists(os.path.join(workdir, "results.json")):
-    return [sweep_rows.diverged_row(name, lr, sigma, workdir) for name in modes]
-  with open(os.path.join(workdir, "results.json")) as f:
-    results = json.load(f)
-  return [sweep_rows.row_of(name, lr, sigma, workdir, results, head=head)
-          for name, head in modes.items()]
-
-
 def markdown(chosen: list[dict], sweep: dict[str, list[dict]]) -> str:
   fmt = sweep_rows.fmt
   lines = [f"{_DATASET.value}, efficientnet_lite0 frozen (head), {_EPOCHS.value} epochs, "
@@ -173,7 +160,9 @@ def report(group: str) -> None:
   """Writes and prints the group's table over every finished run it holds."""
   sweep: dict[str, list[dict]] = {}
   for row, lr, _, workdir in sweep_rows.finished_runs(group, list(ROWS)):
-    for r in rows_of(row, lr, workdir):
+    # One table row per inference mode of the run (one for most recipes).
+    for r in sweep_rows.rows_of_run(workdir, lr, 0.5 if row == "bap_loose" else None,
+                                    ROWS[row][1] or {row: None}):
       sweep.setdefault(r["scheme"], []).append(r)
   chosen = [c for c in map(sweep_rows.choose, sweep.values()) if c is not None]
   summary = {"chosen": chosen, "sweep": sweep}

@@ -20,7 +20,6 @@ those of earlier calls with other --schemes, --lrs or --sigmas:
 """
 
 import itertools
-import json
 import os
 import platform
 import sys
@@ -143,13 +142,8 @@ def report(group: str) -> None:
   sweep: dict[str, list[dict]] = {}
   order = list(dict.fromkeys(_SCHEMES.value + list(_ALL_SCHEMES)))
   for scheme, lr, sigma, workdir in sweep_rows.finished_runs(group, order):
-    path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
-      sweep.setdefault(scheme, []).append(sweep_rows.diverged_row(scheme, lr, sigma, workdir))
-      continue
-    with open(path) as f:
-      sweep.setdefault(scheme, []).append(
-          sweep_rows.row_of(scheme, lr, sigma, workdir, json.load(f)))
+    sweep.setdefault(scheme, []).extend(
+        sweep_rows.rows_of_run(workdir, lr, sigma, {scheme: None}))
   chosen = [c for c in map(sweep_rows.choose, sweep.values()) if c is not None]
   summary = {"chosen": chosen, "sweep": sweep}
   by_scheme = {r["scheme"]: r for r in chosen}

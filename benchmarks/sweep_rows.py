@@ -65,6 +65,19 @@ def diverged_row(name: str, lr: float, sigma: Optional[float], workdir: str) -> 
           "val_top1": None, "diverged": why}
 
 
+def rows_of_run(workdir: str, lr: float, sigma: Optional[float],
+                modes: dict[str, Optional[str]]) -> list[dict]:
+  """The rows of one finished run: for each {row name: head} of `modes`, `row_of` that
+  head (None: the run's own classifier), or `diverged_row` if the run diverged."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    return [diverged_row(name, lr, sigma, workdir) for name in modes]
+  with open(path) as f:
+    results = json.load(f)
+  return [row_of(name, lr, sigma, workdir, results, head=head)
+          for name, head in modes.items()]
+
+
 def val_cell(row: dict) -> str:
   return "diverged" if row.get("diverged") else f"{row['val_top1']:.3f}"
 
