@@ -159,7 +159,9 @@ def markdown(chosen: list[dict], sweep: dict[str, list[dict]]) -> str:
 def report(group: str) -> None:
   """Writes and prints the group's table over every finished run it holds."""
   sweep: dict[str, list[dict]] = {}
-  for row, lr, _, workdir in sweep_rows.finished_runs(group, list(ROWS)):
+  # The baseline's row first (a stable sort), the others in ROWS order.
+  order = sorted(ROWS, key=lambda row: row != _BASELINE.value)
+  for row, lr, _, workdir in sweep_rows.finished_runs(group, order):
     # One table row per inference mode of the run (one for most recipes).
     for r in sweep_rows.rows_of_run(workdir, lr, 0.5 if row == "bap_loose" else None,
                                     ROWS[row][1] or {row: None}):

@@ -167,6 +167,7 @@ def test_attention_table_reports_every_finished_run_not_only_the_named_ones(tmp_
   _finished(group, "bap_center_aug_lr0.0003", 0.68, 0.70, labels,
             np.where(np.arange(20) < 2, wrong, labels))
   _finished(group, "bap_center_aug_lr0.001", 0.66, 0.75, labels, labels)
+  _finished(group, "crop_drop_lr0.0003", 0.69, 0.70, labels, labels)
   (group / "bap_center_aug_lr0.003").mkdir()
   (group / "bap_center_aug_lr0.003" / sweep_rows.DIVERGED).write_text(
       json.dumps({"message": "training diverged at step 50: loss is nan"}))
@@ -178,10 +179,14 @@ def test_attention_table_reports_every_finished_run_not_only_the_named_ones(tmp_
       capture_output=True, text=True, check=True)
   summary = json.loads((group / "summary.json").read_text())
   assert {k: [r["lr"] for r in v] for k, v in summary["sweep"].items()} == {
-      "gap_aug": [1e-2], "bap_center_aug": [3e-4, 1e-3, 3e-3]}
+      "gap_aug": [1e-2], "crop_drop": [3e-4], "bap_center_aug": [3e-4, 1e-3, 3e-3]}
+  # The baseline leads the table although ROWS lists crop_drop before it.
+  assert [r["scheme"] for r in summary["chosen"]] == ["gap_aug", "crop_drop",
+                                                      "bap_center_aug"]
   assert "0.0003: 0.680, 0.001: 0.660, 0.003: diverged" in out.stdout
   chosen = {r["scheme"]: r["lr"] for r in summary["chosen"]}
-  assert chosen == {"gap_aug": 1e-2, "bap_center_aug": 3e-4}  # by val, not by test
+  assert chosen == {"gap_aug": 1e-2, "crop_drop": 3e-4,
+                    "bap_center_aug": 3e-4}  # by val, not by test
   t = summary["paired_vs_baseline"]["tests"]["bap_center_aug"]
   assert (t["only_a_right"], t["only_b_right"]) == (6, 0)
   assert "bap_center_aug" in out.stdout and (group / "table.md").exists()
