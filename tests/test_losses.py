@@ -383,9 +383,9 @@ def test_l2_normalize_matches_numpy_and_keeps_zero_rows_differentiable():
   x[3] = 1e-14  # norm below eps: divided by eps, not by its own norm
   want = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
   np.testing.assert_allclose(losses.l2_normalize(jnp.asarray(x)), want, rtol=1e-6)
+  norm = np.linalg.norm(x, axis=-1, keepdims=True)
   np.testing.assert_allclose(losses.l2_normalize(jnp.asarray(x), 1e-6),
-                             x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6),
-                             rtol=1e-6)
+                             x / np.maximum(norm, 1e-6), rtol=1e-6)
   w = rng.normal(size=(4, 6)).astype(np.float32)
   g = jax.grad(lambda x: jnp.sum(losses.l2_normalize(x) * w))(jnp.asarray(x))
   assert np.all(np.isfinite(g))

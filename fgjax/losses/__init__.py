@@ -34,6 +34,6 @@ from fgjax.losses.soft_nca import soft_nca_loss
 __all__ = [
     "attachment_loss", "attention_center_loss", "update_attention_centers",
     "center_loss", "elope_loss", "update_class_means",
-    "knn_nca_loss", "l2_normalize", "masked_logsumexp", "nca_loss", "rbf_logits", "soft_nca_loss",
-    "squared_distances",
+    "knn_nca_loss", "l2_normalize", "masked_logsumexp", "nca_loss", "rbf_logits",
+    "soft_nca_loss", "squared_distances",
 ]
