@@ -12,7 +12,8 @@ Result (BENCHMARKS 17, benchmarks/attention_table.py --dataset=birds525 --rows=c
 --schedule=cosine --lrs=1e-3, this config at its defaults, 2026-12-07): test top-1
 average .798, coarse .777, fine .752 (val .781 / .764 / .730). The average beats the
 fine head (32 / 8, p = .0002) and leads the coarse head (24 / 13, p = .099); it is
-level with GAP at its own rate (.796, 31 / 30, p = 1). At 3e-4 (the earlier default)
+level with GAP (.796, 31 / 30, p = 1), BAP + center loss (.787, p = .51) and crop-drop
+(.787, p = .54), each at its own rate. At 3e-4 (the earlier default)
 the average was val .743, test .775. About 4 backbone passes a step: 0.30-0.42 step/s
 on the 2-core CPU, 1,470 steps.
 """
