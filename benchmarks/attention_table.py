@@ -163,7 +163,7 @@ def report(group: str) -> None:
   order = sorted(ROWS, key=lambda row: row != _BASELINE.value)
   for row, lr, _, workdir in sweep_rows.finished_runs(group, order):
     # One table row per inference mode of the run (one for most recipes).
-    for r in sweep_rows.rows_of_run(workdir, lr, 0.5 if row == "bap_loose" else None,
+    for r in sweep_rows.rows_of_run(workdir, lr, sweep_rows.train_sigma(workdir),
                                     ROWS[row][1] or {row: None}):
       sweep.setdefault(r["scheme"], []).append(r)
   chosen = [c for c in map(sweep_rows.choose, sweep.values()) if c is not None]

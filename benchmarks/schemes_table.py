@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import sweep_rows  # noqa: E402
 from configs import common  # noqa: E402
 
-_NCA_SCHEMES = ("tied", "fixed", "loose")
+_NCA_SCHEMES = sweep_rows.NCA_SCHEMES
 _ALL_SCHEMES = ("ce", "ce_extra") + _NCA_SCHEMES
 _OTHER = {"cars196": "birds525", "birds525": "cars196"}
 

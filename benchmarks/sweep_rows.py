@@ -37,6 +37,14 @@ def _scores(split: dict, head: str) -> dict:
 
 
 DIVERGED = "diverged.json"
+NCA_SCHEMES = ("tied", "fixed", "loose")  # the schemes whose RBF width (sigma) matters
+
+
+def train_sigma(workdir: str) -> Optional[float]:
+  """The RBF width a run trained with, read from its config.json; None without NCA."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  return config["loss"]["nca"]["sigma"] if config["scheme"] in NCA_SCHEMES else None
 
 
 def train_run(config, workdir: str) -> None:

@@ -133,10 +133,12 @@ def test_write_summary_draws_the_lr_grid_only_for_a_grid(tmp_path):
   assert (one / "summary.json").exists()
 
 
-def _finished(group, name, val, test, labels=None, pred=None):
+def _finished(group, name, val, test, labels=None, pred=None, scheme="ce", sigma=0.2):
   run = group / name
   run.mkdir(parents=True)
   (run / "results.json").write_text(json.dumps(results(val, test)))
+  (run / "config.json").write_text(json.dumps({"scheme": scheme,
+                                               "loss": {"nca": {"sigma": sigma}}}))
   if labels is not None:
     np.savez(run / "predictions.npz", test_label=labels, test_softmax=pred)
   return str(run)
@@ -168,7 +170,12 @@ def test_attention_table_reports_every_finished_run_not_only_the_named_ones(tmp_
             np.where(np.arange(20) < 2, wrong, labels))
   _finished(group, "bap_center_aug_lr0.001", 0.66, 0.75, labels, labels)
   _finished(group, "crop_drop_lr0.0003", 0.69, 0.70, labels, labels)
+  _finished(group, "bap_loose_lr3e-06", 0.62, 0.65, labels, labels, scheme="loose",
+            sigma=0.7)
   (group / "bap_center_aug_lr0.003").mkdir()
+  # train_and_evaluate writes config.json before the first step, so a diverged run has one.
+  (group / "bap_center_aug_lr0.003" / "config.json").write_text(
+      (group / "crop_drop_lr0.0003" / "config.json").read_text())
   (group / "bap_center_aug_lr0.003" / sweep_rows.DIVERGED).write_text(
       json.dumps({"message": "training diverged at step 50: loss is nan"}))
   out = subprocess.run(
@@ -179,13 +186,16 @@ def test_attention_table_reports_every_finished_run_not_only_the_named_ones(tmp_
       capture_output=True, text=True, check=True)
   summary = json.loads((group / "summary.json").read_text())
   assert {k: [r["lr"] for r in v] for k, v in summary["sweep"].items()} == {
-      "gap_aug": [1e-2], "crop_drop": [3e-4], "bap_center_aug": [3e-4, 1e-3, 3e-3]}
+      "gap_aug": [1e-2], "bap_loose": [3e-6], "crop_drop": [3e-4],
+      "bap_center_aug": [3e-4, 1e-3, 3e-3]}
   # The baseline leads the table although ROWS lists crop_drop before it.
-  assert [r["scheme"] for r in summary["chosen"]] == ["gap_aug", "crop_drop",
+  assert [r["scheme"] for r in summary["chosen"]] == ["gap_aug", "bap_loose", "crop_drop",
                                                       "bap_center_aug"]
+  # The impostor row's sigma is the one its run trained with (its config.json).
+  assert [r["train_sigma"] for r in summary["chosen"]] == [None, 0.7, None, None]
   assert "0.0003: 0.680, 0.001: 0.660, 0.003: diverged" in out.stdout
   chosen = {r["scheme"]: r["lr"] for r in summary["chosen"]}
-  assert chosen == {"gap_aug": 1e-2, "crop_drop": 3e-4,
+  assert chosen == {"gap_aug": 1e-2, "bap_loose": 3e-6, "crop_drop": 3e-4,
                     "bap_center_aug": 3e-4}  # by val, not by test
   t = summary["paired_vs_baseline"]["tests"]["bap_center_aug"]
   assert (t["only_a_right"], t["only_b_right"]) == (6, 0)
