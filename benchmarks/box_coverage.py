@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fgjax import artifact  # noqa: E402
 from fgjax import data  # noqa: E402
+from fgjax import visualize  # noqa: E402
 from fgjax.data import transforms  # noqa: E402
 from fgjax.models import localize  # noqa: E402
 
@@ -65,6 +66,8 @@ def main():
                       help="Paste each image at this fraction of its side onto a canvas "
                            "(0: the images as they are, no ground truth).")
   parser.add_argument("--seed", type=int, default=0, help="Where the pastes go.")
+  parser.add_argument("--png", default="", help="Draw the first 8 images, heat maps, "
+                      "boxes (and true boxes when pasted) to this PNG.")
   args = parser.parse_args()
   model = artifact.Model(os.path.join(args.workdir, "artifact"))
   with open(os.path.join(args.workdir, "artifact", "config.json")) as f:
@@ -84,7 +87,12 @@ def main():
       images, true_box = paste(images, args.paste_scale, rng, model.mean)
       truth.append(true_box)
     x = transforms.normalize(images, model.mean, model.std)
-    boxes.append(model.explain(x)["box"])
+    looks = model.explain(x)
+    boxes.append(looks["box"])
+    if args.png and start == 0:
+      visualize.heatmap_grid(args.png, np.asarray(images[:8]).astype(np.uint8),
+                             looks["heatmap"][:8], looks["box"][:8],
+                             truth[0][:8] if truth else None)
     if args.paste_scale:
       inputs = {"canvas": x, "true_box": localize.crop_and_resize(x, true_box, (size, size))}
       if not crops_itself:
@@ -102,9 +110,13 @@ def main():
         f"quartiles {q1:.3f} / {q2:.3f} / {q3:.3f}; >= 95% of the image: "
         f"{np.mean(area >= 0.95):.3f}; the whole image: {whole.mean():.3f}")
   if args.paste_scale:
-    iou = np.asarray(localize.box_iou(boxes, np.concatenate(truth)))
+    truth = np.concatenate(truth)
+    iou = np.asarray(localize.box_iou(boxes, truth))
+    # A systematic shift of the boxes shows here (e.g. a map misaligned with the input).
+    shift = ((boxes[:, :2] + boxes[:, 2:]) - (truth[:, :2] + truth[:, 2:])).mean(0) / 2
     top1 = {k: f"{v / len(boxes):.4f}" for k, v in hits.items()}
-    print(f"IoU >= 0.5: {np.mean(iou >= 0.5):.3f}, mean IoU {iou.mean():.3f}; top-1 on "
+    print(f"IoU >= 0.5: {np.mean(iou >= 0.5):.3f}, mean IoU {iou.mean():.3f}; mean box "
+          f"centre minus true centre (y, x): ({shift[0]:+.3f}, {shift[1]:+.3f}); top-1 on "
           f"the canvases (a localized network: cropped to its module's box) and on "
           f"crops to the boxes: {top1}")
 
