@@ -10,7 +10,9 @@ Result (2026-12-02, BENCHMARKS.md section 11, row gkmp_le; learning rate 3e-4 ch
 on val from 1e-4..3e-3): val top-1 0.632, test top-1 0.627, test top-5 0.878.
 With the last block trainable as well (--config.model.trainable=last:1, on cached
 outputs of the blocks before it; 3e-4 chosen again): val 0.696, test 0.716, test top-5
-0.920 (2026-12-07, section 11 "At a deeper depth").
+0.920 (2026-12-07, section 11 "At a deeper depth"). With two blocks trainable
+(--config.model.trainable=last:2; 3e-4 chosen again): val 0.765, test 0.782, test
+top-5 0.944 (2026-12-07, section 11 "Deeper still: last:2 on cars196").
 
 The localization module and weighted k-max pooling are later stages of the same recipe
 (config.init_from, README "ELoPE"; benchmarks/elope_ablation.py runs them all). On
